@@ -1,0 +1,219 @@
+"""Self-describing checkpoint directories, written atomically and loaded without pickle.
+
+A checkpoint directory holds:
+    model.safetensors      weights of the unwrapped, uncompiled model (tied weights stored once)
+    model_config.json      ModelConfig
+    tokenizer/             the tokenizer (tokenizer.json)
+    meta.json              format version, step, validation loss, what else is inside
+    trainer/               only in resumable checkpoints: optimizer tensors (safetensors) + JSON state
+                           (step, data-loader position, RNG states, ...)
+A run directory holds config.yaml, metrics.jsonl, loss.png and checkpoints/{latest,best,step_N}/.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from gptforge import __version__
+from gptforge.common import UserError, atomic_write_text
+from gptforge.config import ModelConfig, from_dict
+from gptforge.model import GPT
+from gptforge.tokenizer import Tokenizer, load_tokenizer
+
+FORMAT_VERSION = 1
+WEIGHTS, MODEL_CONFIG, META, TOKENIZER_DIR, TRAINER_DIR = (
+    "model.safetensors", "model_config.json", "meta.json", "tokenizer", "trainer")
+CHECKPOINTS = "checkpoints"
+
+
+# --- atomic directories ---------------------------------------------------------------------------
+def write_dir_atomically(target: Path, fill: Callable[[Path], None]) -> None:
+    """Fill a temp dir beside `target`, then swap it in with renames. A kill at any moment leaves either
+    the old or the new directory complete (an interrupted swap is repaired by `_recover`)."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
+    old = target.parent / f".{target.name}.old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    fill(tmp)
+    for f in tmp.rglob("*"):  # data must be on disk before the rename makes it visible
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    _recover(target)
+    if target.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(target, old)
+    os.rename(tmp, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _recover(target: Path) -> None:
+    """Finish a swap that was killed between its two renames."""
+    old = target.parent / f".{target.name}.old"
+    if not target.exists() and old.is_dir():
+        os.rename(old, target)
+
+
+# --- weights --------------------------------------------------------------------------------------
+def model_state_for_saving(model: GPT) -> dict[str, torch.Tensor]:
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_embeddings:
+        state.pop("lm_head.weight")  # the same tensor as transformer.wte.weight
+    return state
+
+
+def save_checkpoint(path: Path, model: GPT, tokenizer: Tokenizer, step: int = 0,
+                    val_loss: Optional[float] = None, trainer_state: Optional[dict] = None,
+                    optimizer: Optional[torch.optim.Optimizer] = None, extra_meta: Optional[dict] = None) -> None:
+    """Write a checkpoint directory atomically. With trainer_state/optimizer it can resume training."""
+
+    def fill(d: Path) -> None:
+        save_file(model_state_for_saving(model), str(d / WEIGHTS))
+        (d / MODEL_CONFIG).write_text(json.dumps(dataclasses.asdict(model.config), indent=2))
+        tokenizer.save(d / TOKENIZER_DIR)
+        meta = {"format": FORMAT_VERSION, "gptforge": __version__, "step": step, "val_loss": val_loss,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "resumable": trainer_state is not None,
+                "tokenizer": tokenizer.describe(), **(extra_meta or {})}
+        (d / META).write_text(json.dumps(meta, indent=2))
+        if trainer_state is not None:
+            (d / TRAINER_DIR).mkdir()
+            (d / TRAINER_DIR / "state.json").write_text(json.dumps(trainer_state, indent=2))
+            if optimizer is not None:
+                tensors, layout = flatten_optimizer_state(optimizer.state_dict())
+                save_file(tensors, str(d / TRAINER_DIR / "optimizer.safetensors"))
+                (d / TRAINER_DIR / "optimizer.json").write_text(json.dumps(layout))
+
+    write_dir_atomically(Path(path), fill)
+
+
+def read_model_config(path: Path) -> ModelConfig:
+    try:
+        values = json.loads((Path(path) / MODEL_CONFIG).read_text())
+    except FileNotFoundError:
+        raise UserError(f"checkpoint {path} has no {MODEL_CONFIG}; it is incomplete or not a checkpoint") from None
+    except json.JSONDecodeError:
+        raise UserError(f"{Path(path) / MODEL_CONFIG} is corrupt (not JSON)") from None
+    return from_dict(ModelConfig, values, where=MODEL_CONFIG).validate()
+
+
+def load_model(path: Path, device: torch.device | str = "cpu") -> tuple[GPT, Tokenizer, dict]:
+    """Load weights, tokenizer and meta from a checkpoint or run directory, checking they agree."""
+    path = resolve_checkpoint(path)
+    config = read_model_config(path)
+    tokenizer = load_tokenizer(path / TOKENIZER_DIR)
+    if tokenizer.vocab_size != config.vocab_size:
+        raise UserError(
+            f"vocabulary mismatch in {path}: the model has {config.vocab_size} tokens but its tokenizer has "
+            f"{tokenizer.vocab_size}; the checkpoint's tokenizer/ folder does not belong to these weights"
+        )
+    try:
+        state = load_file(str(path / WEIGHTS), device="cpu")
+    except FileNotFoundError:
+        raise UserError(f"checkpoint {path} has no {WEIGHTS}; it is incomplete") from None
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"{path / WEIGHTS} is corrupt ({e}); use another checkpoint") from None
+    with torch.device("meta"):
+        model = GPT(config)
+    model = model.to_empty(device="cpu")
+    if config.tie_embeddings:
+        state["lm_head.weight"] = state["transformer.wte.weight"]
+    missing, unexpected = set(model.state_dict()) - set(state), set(state) - set(model.state_dict())
+    if missing or unexpected:
+        raise UserError(f"{path / WEIGHTS} does not match {MODEL_CONFIG}: missing {sorted(missing)[:3]}, "
+                        f"unexpected {sorted(unexpected)[:3]}")
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as e:
+        raise UserError(f"{path / WEIGHTS} does not match {MODEL_CONFIG}: {str(e).splitlines()[-1].strip()}") from None
+    if config.tie_embeddings:
+        model.lm_head.weight = model.transformer.wte.weight
+    return model.to(device), tokenizer, read_meta(path)
+
+
+def read_meta(path: Path) -> dict:
+    try:
+        return json.loads((Path(path) / META).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        raise UserError(f"checkpoint {path} has a missing or corrupt {META}") from None
+
+
+def load_trainer_state(path: Path, optimizer: Optional[torch.optim.Optimizer] = None) -> dict:
+    """Trainer JSON state; also restores the optimizer in place when given."""
+    d = Path(path) / TRAINER_DIR
+    try:
+        state = json.loads((d / "state.json").read_text())
+        if optimizer is not None:
+            tensors = load_file(str(d / "optimizer.safetensors"))
+            layout = json.loads((d / "optimizer.json").read_text())
+            optimizer.load_state_dict(unflatten_optimizer_state(tensors, layout))
+    except FileNotFoundError as e:
+        raise UserError(f"checkpoint {path} cannot resume training: {Path(e.filename).name} is missing") from None
+    except (json.JSONDecodeError, SafetensorError, KeyError) as e:
+        raise UserError(f"trainer state in {path} is corrupt ({type(e).__name__}); "
+                        "start a new run directory or restore the checkpoint") from None
+    return state
+
+
+# --- optimizer state without pickle -------------------------------------------------------------
+def flatten_optimizer_state(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split an optimizer state_dict into tensors (for safetensors) and a JSON layout."""
+    tensors, layout = {}, {"param_groups": sd["param_groups"], "state": {}}
+    for idx, st in sd["state"].items():
+        entry = {}
+        for name, value in st.items():
+            if torch.is_tensor(value):
+                key = f"{idx}.{name}"
+                tensors[key] = value.detach().cpu().contiguous()
+                entry[name] = {"tensor": key}
+            else:
+                entry[name] = {"value": value}
+        layout["state"][str(idx)] = entry
+    return tensors, layout
+
+
+def unflatten_optimizer_state(tensors: dict[str, torch.Tensor], layout: dict) -> dict:
+    state = {}
+    for idx, entry in layout["state"].items():
+        state[int(idx)] = {name: tensors[v["tensor"]] if "tensor" in v else v["value"]
+                           for name, v in entry.items()}
+    return {"state": state, "param_groups": layout["param_groups"]}
+
+
+# --- finding checkpoints ----------------------------------------------------------------------
+def is_checkpoint(path: Path) -> bool:
+    return (Path(path) / MODEL_CONFIG).is_file()
+
+
+def run_checkpoint(run_dir: Path, name: str) -> Optional[Path]:
+    """checkpoints/<name> of a run directory, if it exists (repairing an interrupted swap)."""
+    path = Path(run_dir) / CHECKPOINTS / name
+    _recover(path)
+    return path if is_checkpoint(path) else None
+
+
+def resolve_checkpoint(path: Path) -> Path:
+    """A checkpoint directory as given, or a run directory's best (else latest) checkpoint."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"checkpoint or run directory not found: {path}")
+    if is_checkpoint(path):
+        return path
+    for name in ("best", "latest"):
+        found = run_checkpoint(path, name)
+        if found:
+            return found
+    raise UserError(f"{path} is neither a checkpoint (no {MODEL_CONFIG}) nor a run directory with "
+                    f"{CHECKPOINTS}/best or {CHECKPOINTS}/latest")
+

@@ -1,0 +1,147 @@
+"""`gptforge` command line: subcommands map onto package functions; no logic of its own beyond wiring.
+
+Options come from the config dataclasses (their docstrings are the help text) and may be given in a
+YAML file with --config; command-line options override the file.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
+
+from gptforge.common import UserError
+from gptforge.config import DataConfig, ModelConfig, RunConfig, SampleConfig, TrainConfig
+
+set_parsing_settings(docstring_parse_attribute_docstrings=True)
+
+
+def _run_parser(description: str) -> ArgumentParser:
+    p = ArgumentParser(description=description)
+    p.add_argument("--config", action=ActionConfigFile, help="YAML file with model/data/train/sample sections.")
+    p.add_class_arguments(ModelConfig, "model")
+    p.add_class_arguments(DataConfig, "data")
+    p.add_class_arguments(TrainConfig, "train")
+    p.add_class_arguments(SampleConfig, "sample")
+    return p
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="gptforge", description="Train, sample and inspect GPT-2 models you own.")
+    sub = parser.add_subcommands(dest="command")
+
+    prep = ArgumentParser(description="Tokenize a corpus into token shards plus a manifest and tokenizer.")
+    prep.add_argument("--config", action=ActionConfigFile, help="YAML file with a data section.")
+    prep.add_class_arguments(DataConfig, "data")
+    prep.add_argument("--overwrite", type=bool, default=False, help="Replace an existing prepared folder.")
+    sub.add_subcommand("prepare", prep, help="Tokenize text into shards (--data.source -> --data.dir).")
+
+    sub.add_subcommand("train", _run_parser(
+        "Train a model. Running it again on an existing run directory resumes from its latest checkpoint."),
+        help="Pretrain (or resume) a model on prepared data.")
+
+    gen = ArgumentParser(description="Generate text from a checkpoint or run directory.")
+    gen.add_argument("checkpoint", type=str, help="Checkpoint directory, or a run directory (uses best, else latest).")
+    gen.add_argument("--prompt", type=Optional[str], default=None,
+                     help="Text to continue. Default: start from the end-of-text token.")
+    gen.add_argument("--prompt_file", type=Optional[str], default=None, help="Read the prompt from this file.")
+    gen.add_class_arguments(SampleConfig, "sample", as_group=True)
+    gen.add_argument("--stream", type=bool, default=False, help="Print tokens as they are generated.")
+    gen.add_argument("--truncate", type=Optional[str], default=None,
+                     help="'left' keeps the last tokens of a prompt longer than the context window.")
+    gen.add_argument("--device", type=str, default="auto", help="cpu, cuda, mps or auto.")
+    sub.add_subcommand("generate", gen, help="Sample text from a trained model.")
+
+    quick = ArgumentParser(description="Download the built-in Shakespeare corpus, train a small character-"
+                                       "level model on it for a few minutes, and print samples.")
+    quick.add_argument("--run_dir", type=str, default="runs/quickstart", help="Where the run is written.")
+    quick.add_argument("--minutes", type=float, default=3.0, help="Training time budget in minutes.")
+    quick.add_argument("--device", type=str, default="auto", help="cpu, cuda, mps or auto.")
+    sub.add_subcommand("quickstart", quick, help="Prepare Shakespeare, train a small model, print samples.")
+    return parser
+
+
+def _run_config(ns) -> RunConfig:
+    return RunConfig(model=ModelConfig(**vars(ns.model)), data=DataConfig(**vars(ns.data)),
+                     train=TrainConfig(**vars(ns.train)), sample=SampleConfig(**vars(ns.sample)))
+
+
+def cmd_prepare(ns) -> None:
+    from gptforge.data.prepare import prepare
+
+    data = DataConfig(**vars(ns.data))
+    if not data.dir:
+        raise UserError("prepare needs an output folder: --data.dir PATH")
+    manifest = prepare(data, Path(data.dir), overwrite=ns.overwrite)
+    splits = ", ".join(f"{name} {s['tokens']:,} tokens" for name, s in manifest["splits"].items())
+    print(f"prepared {data.dir}: {splits}; tokenizer {manifest['tokenizer']['kind']} "
+          f"(vocab {manifest['tokenizer']['vocab_size']})")
+
+
+def cmd_train(ns) -> None:
+    from gptforge.train.pretrain import run_training
+
+    result = run_training(_run_config(ns))
+    val = f", best val loss {result.best_val_loss:.4f}" if result.best_val_loss is not None else ""
+    print(f"done: step {result.step}, train loss {result.train_loss:.4f}{val}, {result.elapsed_s:.1f}s; "
+          f"run directory {ns.train.run_dir}")
+
+
+def cmd_generate(ns) -> None:
+    from gptforge.checkpoint import load_model
+    from gptforge.common import pick_device
+    from gptforge.textgen import generate_text, stream_text
+
+    prompts = [ns.prompt or ""]
+    if ns.prompt_file:
+        try:
+            prompts = [Path(ns.prompt_file).read_text(encoding="utf-8")]
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"cannot read prompt file {ns.prompt_file}: {e}") from None
+    if ns.truncate not in (None, "left"):
+        raise UserError(f"--truncate takes 'left', got {ns.truncate!r}")
+    device = pick_device(ns.device)
+    model, tokenizer, _ = load_model(Path(ns.checkpoint), device)
+    sample = SampleConfig(**vars(ns.sample))
+    if ns.stream:
+        for prompt in prompts:
+            sys.stdout.write(prompt)
+            for _, delta in stream_text(model, tokenizer, [prompt], sample, device, truncate=ns.truncate):
+                sys.stdout.write(delta)
+                sys.stdout.flush()
+            sys.stdout.write("\n")
+        return
+    texts = generate_text(model, tokenizer, prompts, sample, device, truncate=ns.truncate)
+    per_prompt = len(texts) // len(prompts)
+    for i, text in enumerate(texts):
+        print(prompts[i // per_prompt] + text)
+        if i < len(texts) - 1:
+            print("-" * 40)
+
+
+def cmd_quickstart(ns) -> None:
+    from gptforge.quickstart import quickstart
+
+    quickstart(run_dir=Path(ns.run_dir), minutes=ns.minutes, device=ns.device)
+
+
+COMMANDS = {"prepare": cmd_prepare, "train": cmd_train, "generate": cmd_generate, "quickstart": cmd_quickstart}
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    try:
+        COMMANDS[ns.command](getattr(ns, ns.command))
+    except UserError as e:
+        print(f"gptforge: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        print("gptforge: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,168 @@
+"""Device, dtype, rank and seeding are decided here, once; plus the project's error type.
+
+This is the only module that reads the torchrun environment (RANK, LOCAL_RANK, WORLD_SIZE).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+
+class UserError(Exception):
+    """A problem with the user's input: printed as one line by the CLI, with a non-zero exit."""
+
+
+def cache_dir() -> Path:
+    """Where downloaded corpora and files are cached (GPTFORGE_CACHE overrides)."""
+    root = os.environ.get("GPTFORGE_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "gptforge"
+    )
+    return Path(root)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write via a temp file in the same folder + rename, so readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+@dataclass
+class Runtime:
+    """Where and how this process computes. Built by `setup_runtime`, passed to everything else."""
+
+    device: "torch.device"  # noqa: F821
+    dtype: "torch.dtype"  # autocast dtype; float32 means no autocast  # noqa: F821
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def device_type(self) -> str:
+        return self.device.type
+
+    def autocast(self):
+        import torch
+
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device_type, dtype=self.dtype)
+
+    def print(self, *args, **kwargs) -> None:
+        """Print on rank 0 only."""
+        if self.is_main:
+            print(*args, **kwargs, flush=True)
+
+
+def pick_device(requested: str = "auto") -> "torch.device":  # noqa: F821
+    import torch
+
+    if requested == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(requested)
+    except RuntimeError:
+        raise UserError(f"unknown device '{requested}'; use cpu, cuda, cuda:N, mps or auto") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device '{requested}' requested but CUDA is not available; use --train.device cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"device '{requested}' requested but MPS is not available; use --train.device cpu")
+    return device
+
+
+def pick_dtype(requested: str, device: "torch.device") -> "torch.dtype":  # noqa: F821
+    import torch
+
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if requested == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    if requested not in names:
+        raise UserError(f"unknown dtype '{requested}'; use float32, bfloat16, float16 or auto")
+    dtype = names[requested]
+    if dtype == torch.float16 and device.type == "cpu":
+        raise UserError("float16 autocast is not supported on CPU; use bfloat16 or float32")
+    return dtype
+
+
+def setup_runtime(device: str = "auto", dtype: str = "auto") -> Runtime:
+    """Decide device, autocast dtype and distributed rank; initialise the process group under torchrun."""
+    import torch
+
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = pick_device(device)
+    if world_size > 1:
+        import torch.distributed as dist
+
+        if dev.type == "cuda":
+            dev = torch.device("cuda", local_rank)
+            torch.cuda.set_device(dev)
+        if not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+    if dev.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return Runtime(device=dev, dtype=pick_dtype(dtype, dev), rank=rank, local_rank=local_rank,
+                   world_size=world_size)
+
+
+def teardown_runtime(runtime: Runtime) -> None:
+    if runtime.distributed:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def seed_everything(seed: int) -> None:
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def human_count(n: float) -> str:
+    for unit in ("", "K", "M", "B"):
+        if abs(n) < 1000:
+            return f"{n:.4g}{unit}"
+        n /= 1000
+    return f"{n:.4g}T"
+

@@ -1,0 +1,261 @@
+"""Typed configuration: the dataclasses below ARE the config.
+
+The CLI (jsonargparse) and YAML files only override their fields; field docstrings become `--help`
+text. The fully resolved config is written into every run directory as `config.yaml`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from gptforge.common import UserError
+
+
+@dataclass
+class ModelConfig:
+    """GPT-2 architecture hyper-parameters."""
+
+    preset: Optional[str] = None
+    """Start from a named preset (gpt2, gpt2-medium, gpt2-large, gpt2-xl, baby, tiny); fields set
+    explicitly override it."""
+    n_layer: int = 12
+    """Number of transformer blocks."""
+    n_head: int = 12
+    """Number of attention heads per block."""
+    n_embd: int = 768
+    """Embedding (residual stream) width; must be divisible by n_head."""
+    block_size: int = 1024
+    """Context window in tokens (size of the learned positional embedding)."""
+    vocab_size: int = 50257
+    """Vocabulary size; taken from the tokenizer when training on prepared data."""
+    vocab_multiple: int = 64
+    """Pad the embedding/logit matrix to a multiple of this for speed; padded logits are never sampled."""
+    dropout: float = 0.0
+    """Dropout probability (0 for pretraining, ~0.1 for small data)."""
+    bias: bool = True
+    """Biases in Linear and LayerNorm layers (GPT-2: True)."""
+    tie_embeddings: bool = True
+    """Share the token embedding matrix with the output head (GPT-2: True)."""
+
+    @property
+    def padded_vocab_size(self) -> int:
+        return int(math.ceil(self.vocab_size / self.vocab_multiple) * self.vocab_multiple)
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    def validate(self) -> "ModelConfig":
+        if self.n_embd % self.n_head:
+            raise UserError(
+                f"model.n_embd={self.n_embd} is not divisible by model.n_head={self.n_head}; "
+                "pick an n_embd that is a multiple of n_head"
+            )
+        for name in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "vocab_multiple"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"model.{name} must be positive, got {getattr(self, name)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise UserError(f"model.dropout must be in [0, 1), got {self.dropout}")
+        return self
+
+
+# GPT-2 sizes are OpenAI's; `baby` is nanoGPT's Shakespeare-char model; `tiny` is for tests.
+PRESETS: dict[str, dict[str, Any]] = {
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024),
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024, block_size=1024),
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280, block_size=1024),
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600, block_size=1024),
+    "baby": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.2, bias=False),
+    "small-cpu": dict(n_layer=4, n_head=4, n_embd=128, block_size=128, dropout=0.0, bias=False),
+    "tiny": dict(n_layer=2, n_head=2, n_embd=32, block_size=64, bias=True),
+}
+
+
+def resolve_model_config(cfg: ModelConfig) -> ModelConfig:
+    """Apply `cfg.preset` underneath the fields the user changed from their defaults."""
+    if cfg.preset is None:
+        return cfg.validate()
+    if cfg.preset not in PRESETS:
+        raise UserError(f"unknown model preset '{cfg.preset}'; choose one of: {', '.join(PRESETS)}")
+    defaults, values = dataclasses.asdict(ModelConfig()), dataclasses.asdict(cfg)
+    for key, value in PRESETS[cfg.preset].items():
+        if values[key] == defaults[key]:
+            values[key] = value
+    return ModelConfig(**values).validate()
+
+
+@dataclass
+class DataConfig:
+    """Where training text comes from and how it is tokenized into shards."""
+
+    source: str = "shakespeare"
+    """What to prepare: a .txt file, a folder of .txt files, a .jsonl/.parquet file, 'hf:NAME' for a
+    Hugging Face dataset (or a local dataset folder saved with save_to_disk), or 'shakespeare'."""
+    dir: Optional[str] = None
+    """Prepared shard directory (output of `prepare`, input of `train`)."""
+    tokenizer: str = "gpt2"
+    """Tokenizer: gpt2 (GPT-2 BPE), char (characters of the corpus), byte (256 bytes), bpe (trained on
+    the corpus), or a path to a saved tokenizer directory."""
+    bpe_vocab_size: int = 8192
+    """Vocabulary size when training a bpe tokenizer."""
+    text_field: str = "text"
+    """Field holding the text in JSONL/Parquet/Hugging Face sources."""
+    hf_split: str = "train"
+    """Split to read from a Hugging Face dataset."""
+    hf_config: Optional[str] = None
+    """Configuration name of a Hugging Face dataset, if it has several."""
+    val_fraction: float = 0.1
+    """Fraction held out for validation (the tail of a single file; every k-th document otherwise)."""
+    shard_tokens: int = 100_000_000
+    """Tokens per shard file."""
+    num_proc: int = 0
+    """Tokenization processes (0 = all CPU cores)."""
+    max_documents: Optional[int] = None
+    """Stop after this many documents (handy for a quick look at a huge dataset)."""
+
+
+@dataclass
+class TrainConfig:
+    """The training loop: optimisation, schedule, evaluation, checkpoints."""
+
+    run_dir: str = "runs/default"
+    """Run directory; running `train` again on an existing one resumes from its latest checkpoint."""
+    device: str = "auto"
+    """cpu, cuda, cuda:N, mps, or auto (CUDA, then MPS, then CPU)."""
+    dtype: str = "auto"
+    """float32, bfloat16, float16 (autocast + GradScaler), or auto (bf16 on capable GPUs, else fp32)."""
+    compile: bool = False
+    """Compile the model with torch.compile."""
+    seed: int = 1337
+    """Random seed for initialisation, data order and dropout."""
+    micro_batch_size: int = 12
+    """Sequences per forward pass per process."""
+    tokens_per_step: Optional[int] = None
+    """Target tokens per optimizer step; gradient accumulation is derived from it (None = one micro-batch
+    per process)."""
+    max_steps: int = 2000
+    """Total optimizer steps."""
+    time_limit_s: Optional[float] = None
+    """Stop (after a final evaluation and checkpoint) once training has run this many seconds."""
+    lr: float = 1e-3
+    """Peak learning rate."""
+    min_lr_ratio: float = 0.1
+    """Cosine decay floor as a fraction of lr."""
+    warmup_steps: int = 100
+    """Linear warm-up steps."""
+    lr_decay_steps: Optional[int] = None
+    """Steps over which the cosine decays (None = max_steps)."""
+    weight_decay: float = 0.1
+    """AdamW weight decay (applied to weight matrices and embeddings, not to biases or LayerNorm)."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.95
+    """AdamW beta2."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0 = off)."""
+    sampling: str = "random"
+    """Batch sampling: random windows (nanoGPT) or sequential passes (build-nanogpt)."""
+    eval_every: int = 250
+    """Validation every N steps (0 = never, except at the end)."""
+    eval_batches: int = 20
+    """Micro-batches per validation estimate."""
+    log_every: int = 10
+    """Write a metrics line every N steps."""
+    sample_every: int = 0
+    """Generate a sample every N steps (0 = never)."""
+    sample_prompt: str = "\n"
+    """Prompt for periodic samples."""
+    sample_tokens: int = 64
+    """Tokens per periodic sample."""
+    checkpoint_every: int = 500
+    """Write the `latest` checkpoint every N steps (and always at the end)."""
+    keep_checkpoints: bool = False
+    """Also keep a copy of every periodic checkpoint as checkpoints/step_NNNNNNN."""
+    early_stop_patience: int = 0
+    """Stop when validation loss has not improved for this many evaluations (0 = off)."""
+    init_from: Optional[str] = None
+    """Start from this checkpoint's weights instead of random initialisation."""
+    plot: bool = True
+    """Redraw loss.png in the run directory at every evaluation."""
+    progress: bool = True
+    """Show a progress bar."""
+
+
+@dataclass
+class SampleConfig:
+    """How to sample text from a model."""
+
+    max_new_tokens: int = 200
+    """Tokens to generate per sample."""
+    temperature: float = 0.8
+    """Softmax temperature (0 = greedy)."""
+    top_k: Optional[int] = 200
+    """Keep only the k most likely tokens (None = off)."""
+    top_p: Optional[float] = None
+    """Nucleus sampling: keep the smallest set with cumulative probability >= p (None = off)."""
+    repetition_penalty: float = 1.0
+    """Divide logits of tokens already present by this (>1 discourages repeats; 1 = off)."""
+    stop: list[str] = field(default_factory=list)
+    """Stop when any of these strings is generated."""
+    seed: Optional[int] = None
+    """Random seed for reproducible samples."""
+    num_samples: int = 1
+    """Samples per prompt (generated as one batch)."""
+
+
+@dataclass
+class RunConfig:
+    """Everything that describes one training run; saved as config.yaml in the run directory."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(cls: type, values: dict[str, Any], where: str = "config") -> Any:
+    """Build a (nested) dataclass from a dict, naming any unknown key or wrong type in one line."""
+    if not isinstance(values, dict):
+        raise UserError(f"{where} must be a mapping, got {type(values).__name__}")
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        if key not in known:
+            raise UserError(
+                f"unknown config key '{where}.{key}'; valid keys: {', '.join(sorted(known))}"
+            )
+        sub = _nested_dataclass(cls, key)
+        kwargs[key] = from_dict(sub, value, f"{where}.{key}") if sub else value
+    return cls(**kwargs)
+
+
+def _nested_dataclass(cls: type, name: str) -> Optional[type]:
+    hints = {RunConfig: {"model": ModelConfig, "data": DataConfig, "train": TrainConfig,
+                         "sample": SampleConfig}}
+    return hints.get(cls, {}).get(name)
+
+
+def save_yaml(cfg: Any, path: Path) -> None:
+    from gptforge.common import atomic_write_text
+
+    atomic_write_text(Path(path), yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def load_yaml(cls: type, path: Path) -> Any:
+    try:
+        values = yaml.safe_load(Path(path).read_text()) or {}
+    except FileNotFoundError:
+        raise UserError(f"config file not found: {path}") from None
+    except yaml.YAMLError as e:
+        raise UserError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    return from_dict(cls, values, where=Path(path).name)

@@ -1,0 +1,216 @@
+"""GPT-2, written out: embeddings, pre-LayerNorm blocks, tied output head. Pure math, no I/O.
+
+Notation in shape comments: B batch, T new tokens, Tk keys attended (cache + new), C = n_embd,
+nh = n_head, hs = head size = C / nh, V = padded vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from gptforge.config import ModelConfig
+
+
+class KVCache:
+    """Static key/value buffers for incremental decoding, filled left to right.
+
+    Rows of a batch may be left-padded to a common length: `pad_lens[b]` slots at the start of row b are
+    padding, masked out of attention, and positions count from the first real token of each row.
+    """
+
+    def __init__(self, config: ModelConfig, batch_size: int, max_len: int, device: torch.device,
+                 dtype: torch.dtype = torch.float32, pad_lens: Optional[torch.Tensor] = None):
+        if max_len > config.block_size:
+            raise ValueError(f"cache length {max_len} exceeds block_size {config.block_size}")
+        shape = (config.n_layer, batch_size, config.n_head, max_len, config.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)  # (L, B, nh, max_len, hs)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.pos = 0  # slots filled so far
+        self.pad_lens = pad_lens.to(device) if pad_lens is not None else None  # (B,)
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+
+def manual_attention(q, k, v, attn_mask=None, is_causal=False, dropout_p=0.0):
+    """Reference attention, written out; must agree with F.scaled_dot_product_attention."""
+    # q: (B, nh, T, hs), k/v: (B, nh, Tk, hs)
+    T, Tk = q.size(-2), k.size(-2)
+    att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))  # (B, nh, T, Tk)
+    if is_causal:
+        attn_mask = torch.ones(T, Tk, dtype=torch.bool, device=q.device).tril()
+    if attn_mask is not None:
+        att = att.masked_fill(~attn_mask, float("-inf"))
+    att = F.softmax(att, dim=-1)
+    if dropout_p > 0.0:
+        att = F.dropout(att, p=dropout_p)
+    return att @ v  # (B, nh, T, hs)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_head, self.n_embd = config.n_head, config.n_embd
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # fused q, k, v
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.c_proj.residual_projection = True  # scaled init, see GPT._init_weights
+        self.dropout = config.dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.use_sdpa = True  # False selects manual_attention, the reference path
+
+    def forward(self, x, attn_mask=None, cache=None):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)  # 3 x (B, T, C)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        is_causal = attn_mask is None and T > 1
+        if cache is not None:
+            k_cache, v_cache, pos = cache  # (B, nh, max_len, hs) each
+            k_cache[:, :, pos:pos + T] = k
+            v_cache[:, :, pos:pos + T] = v
+            k, v = k_cache[:, :, :pos + T], v_cache[:, :, :pos + T]  # (B, nh, Tk, hs)
+            # SDPA's is_causal aligns the mask top-left, which is only right when nothing is cached
+            is_causal = is_causal and pos == 0
+        dropout_p = self.dropout if self.training else 0.0
+        attend = F.scaled_dot_product_attention if self.use_sdpa else manual_attention
+        y = attend(q, k, v, attn_mask=attn_mask, is_causal=is_causal, dropout_p=dropout_p)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.gelu = nn.GELU(approximate="tanh")  # GPT-2 used the tanh approximation
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.c_proj.residual_projection = True
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))  # (B, T, C)
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, attn_mask=None, cache=None):
+        x = x + self.attn(self.ln_1(x), attn_mask, cache)
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+class GPT(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.padded_vocab_size, config.n_embd),  # padded: faster matmuls
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # GPT-2: N(0, 0.02) everywhere; projections into the residual stream are scaled down by
+        # 1/sqrt(2 * n_layer) because each block adds two of them to the stream.
+        if isinstance(module, nn.Linear):
+            std = 0.02
+            if getattr(module, "residual_projection", False):
+                std /= math.sqrt(2 * self.config.n_layer)
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def set_attention(self, impl: str) -> None:
+        """'sdpa' (fast, default) or 'manual' (the written-out reference)."""
+        if impl not in ("sdpa", "manual"):
+            raise ValueError(f"unknown attention implementation {impl!r}")
+        for block in self.transformer.h:
+            block.attn.use_sdpa = impl == "sdpa"
+
+    def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None,
+                kv_cache: Optional[KVCache] = None):
+        """idx (B, T) token ids -> (logits (B, T, vocab_size), loss or None).
+
+        targets (B, T): next-token ids; positions holding -100 are left out of the loss.
+        kv_cache: continue from the cached prefix instead of attending only within idx.
+        """
+        B, T = idx.size()
+        start = kv_cache.pos if kv_cache is not None else 0
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.config.block_size}")
+        slots = torch.arange(start, start + T, device=idx.device)  # (T,) absolute cache slots
+        positions, attn_mask = slots, None
+        if kv_cache is not None:
+            positions, attn_mask = self._cache_positions_and_mask(kv_cache, slots, start)
+
+        x = self.transformer.wte(idx) + self.transformer.wpe(positions)  # (B, T, C)
+        x = self.transformer.drop(x)
+        for i, block in enumerate(self.transformer.h):
+            cache = (kv_cache.k[i], kv_cache.v[i], start) if kv_cache is not None else None
+            x = block(x, attn_mask, cache)
+        x = self.transformer.ln_f(x)
+        if kv_cache is not None:
+            kv_cache.pos += T
+
+        # Padded vocabulary slots are dropped here, so they can be neither sampled nor trained on.
+        logits = self.lm_head(x)[..., : self.config.vocab_size]  # (B, T, vocab_size)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1),
+                                   ignore_index=-100)
+        return logits, loss
+
+    @staticmethod
+    def _cache_positions_and_mask(cache: KVCache, slots: torch.Tensor, start: int):
+        """Positions of the new tokens and the attention mask over the cache (None = plain causal)."""
+        T = slots.numel()
+        if cache.pad_lens is None:
+            # Without padding, a decode step (T == 1) sees all keys and a prefill from slot 0 is plain
+            # causal; only a multi-token append to a non-empty cache needs an explicit mask.
+            if T == 1 or start == 0:
+                return slots, None
+            keys = torch.arange(start + T, device=slots.device)
+            return slots, keys[None, :] <= slots[:, None]  # (T, Tk)
+        pad = cache.pad_lens[:, None]  # (B, 1)
+        positions = (slots[None, :] - pad).clamp(min=0)  # (B, T): count from each row's first token
+        keys = torch.arange(start + T, device=slots.device)  # (Tk,)
+        causal = keys[None, :] <= slots[:, None]  # (T, Tk)
+        real = keys[None, None, :] >= pad[:, :, None]  # (B, 1, Tk)
+        # A padding query attends to itself only, so no row is fully masked (which would give NaN).
+        itself = keys[None, :] == slots[:, None]  # (T, Tk)
+        mask = (causal[None] & real) | itself[None]  # (B, T, Tk)
+        return positions, mask[:, None]  # (B, 1, T, Tk), broadcast over heads
+
+
+def count_parameters(model: GPT) -> int:
+    """Parameters as published for GPT-2: tied weights once, vocabulary padding not counted."""
+    total = sum(p.numel() for p in model.parameters())
+    cfg = model.config
+    padding_rows = cfg.padded_vocab_size - cfg.vocab_size
+    total -= padding_rows * cfg.n_embd
+    if not cfg.tie_embeddings:
+        total -= padding_rows * cfg.n_embd  # the separate lm_head is padded too
+    return total

@@ -1,0 +1,171 @@
+"""The command line: help for everything, generate from checkpoints, and one clear line for bad input."""
+
+import json
+
+import pytest
+import torch
+
+from gptforge.checkpoint import load_model, save_checkpoint
+from gptforge.cli import build_parser, main
+from gptforge.common import UserError
+from gptforge.config import ModelConfig, resolve_model_config
+from gptforge.model import GPT
+from gptforge.tokenizer import build_tokenizer
+from helpers import run_cli, write_corpus
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    tok = build_tokenizer("byte")
+    model = GPT(resolve_model_config(ModelConfig(preset="tiny", vocab_size=tok.vocab_size)))
+    path = tmp_path_factory.mktemp("ckpt") / "ckpt"
+    save_checkpoint(path, model, tok, step=7, val_loss=1.5)
+    return path
+
+
+def fails_with(capsys, argv, *fragments):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in err, err
+    return err
+
+
+def test_every_subcommand_has_help(capsys):
+    for argv in ([], ["prepare"], ["train"], ["generate"], ["quickstart"]):
+        with pytest.raises(SystemExit) as exc:
+            main([*argv, "--help"])
+        assert exc.value.code == 0
+        out = capsys.readouterr().out
+        assert "usage:" in out
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    for option in ("--train.lr", "--model.preset", "--data.source", "--sample.top_p", "--config"):
+        assert option in out
+    assert "Peak learning rate" in out  # field docstrings are the help text
+
+
+def test_console_script_and_module_entry_point():
+    result = run_cli("--help")
+    assert result.returncode == 0 and "quickstart" in result.stdout
+
+
+def test_checkpoint_round_trip_is_exact(checkpoint):
+    model, tok, meta = load_model(checkpoint)
+    assert meta["step"] == 7 and tok.kind == "byte"
+    assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()  # re-tied
+    torch.manual_seed(0)
+    fresh = GPT(model.config)
+    for (k, a), b in zip(model.state_dict().items(), fresh.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_generate_from_checkpoint_streams_and_is_reproducible(checkpoint, capsys):
+    argv = ["generate", str(checkpoint), "--prompt", "The king", "--sample.max_new_tokens", "20",
+            "--sample.seed", "3", "--device", "cpu"]
+    main(argv)
+    first = capsys.readouterr().out
+    main(argv)
+    assert capsys.readouterr().out == first and first.startswith("The king")
+    main(argv + ["--stream", "true"])
+    assert capsys.readouterr().out == first
+
+
+def test_generate_prompt_longer_than_context(checkpoint, capsys):
+    long_prompt = "x" * 100  # the tiny model's context is 64 bytes
+    fails_with(capsys, ["generate", str(checkpoint), "--prompt", long_prompt, "--device", "cpu"],
+               "context window")
+    main(["generate", str(checkpoint), "--prompt", long_prompt, "--truncate", "left",
+          "--sample.max_new_tokens", "5", "--device", "cpu"])
+    assert capsys.readouterr().out.startswith(long_prompt)
+
+
+def test_missing_and_corrupt_checkpoints(checkpoint, tmp_path, capsys):
+    fails_with(capsys, ["generate", str(tmp_path / "nope")], "not found")
+    fails_with(capsys, ["generate", str(tmp_path)], "neither a checkpoint")
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(checkpoint, broken)
+    (broken / "model.safetensors").write_bytes(b"\x00garbage" * 10)
+    fails_with(capsys, ["generate", str(broken), "--device", "cpu"], "corrupt")
+    (broken / "model.safetensors").unlink()
+    fails_with(capsys, ["generate", str(broken), "--device", "cpu"], "model.safetensors")
+    shutil.rmtree(broken / "tokenizer")
+    fails_with(capsys, ["generate", str(broken), "--device", "cpu"], "tokenizer")
+
+
+def test_vocab_mismatch_between_model_and_tokenizer(checkpoint, tmp_path, capsys):
+    import shutil
+
+    mismatched = tmp_path / "mismatch"
+    shutil.copytree(checkpoint, mismatched)
+    build_tokenizer("char", texts=["abc"]).save(mismatched / "tokenizer")
+    fails_with(capsys, ["generate", str(mismatched), "--device", "cpu"], "vocabulary mismatch")
+
+
+def test_bad_data_inputs(tmp_path, capsys):
+    out = str(tmp_path / "out")
+    fails_with(capsys, ["prepare", "--data.source", str(tmp_path / "missing.txt"), "--data.dir", out],
+               "missing.txt")
+    (tmp_path / "empty.txt").write_text("")
+    fails_with(capsys, ["prepare", "--data.source", str(tmp_path / "empty.txt"), "--data.dir", out], "empty")
+    (tmp_path / "blob.txt").write_bytes(bytes(range(256)) * 10)
+    fails_with(capsys, ["prepare", "--data.source", str(tmp_path / "blob.txt"), "--data.dir", out], "binary")
+    fails_with(capsys, ["prepare", "--data.source", str(tmp_path / "empty.txt")], "--data.dir")
+    fails_with(capsys, ["train", "--data.dir", str(tmp_path / "d2"), "--train.run_dir", str(tmp_path / "r"),
+                        "--data.source", str(tmp_path / "empty.txt")], "empty")
+
+
+def test_bad_config_keys_and_types(tmp_path, capsys):
+    bad_key = tmp_path / "bad_key.yaml"
+    bad_key.write_text("train:\n  lrr: 0.1\n")
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--config", str(bad_key)])
+    assert exc.value.code == 2
+    assert "lrr" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--train.lr", "fast"])
+    assert exc.value.code == 2
+    assert "train.lr" in capsys.readouterr().err
+    broken_yaml = tmp_path / "broken.yaml"
+    broken_yaml.write_text("train: [unclosed\n")
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--config", str(broken_yaml)])
+    assert exc.value.code == 2
+    fails_with(capsys, ["train", "--model.preset", "gpt5", "--train.run_dir", str(tmp_path / "r"),
+                        "--data.source", str(write_corpus(tmp_path / "c.txt")), "--data.tokenizer", "byte",
+                        "--train.progress", "false"], "unknown model preset")
+
+
+def test_out_of_memory_suggests_smaller_micro_batch(tmp_path, capsys, monkeypatch):
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(GPT, "forward", oom)
+    fails_with(capsys, ["train", "--model.preset", "tiny", "--train.run_dir", str(tmp_path / "r"),
+                        "--data.source", str(write_corpus(tmp_path / "c.txt")), "--data.tokenizer", "byte",
+                        "--data.num_proc", "1", "--train.progress", "false", "--train.micro_batch_size", "64"],
+               "out of memory", "micro_batch_size")
+
+
+def test_resume_refuses_a_different_model(tmp_path, capsys):
+    corpus = str(write_corpus(tmp_path / "c.txt"))
+    args = ["train", "--model.preset", "tiny", "--train.run_dir", str(tmp_path / "r"), "--data.source", corpus,
+            "--data.tokenizer", "byte", "--data.num_proc", "1", "--train.progress", "false",
+            "--train.max_steps", "2", "--train.eval_every", "0"]
+    main(args)
+    capsys.readouterr()
+    fails_with(capsys, args + ["--model.n_layer", "3"], "different model", "n_layer 2 -> 3")
+    assert json.loads((tmp_path / "r/checkpoints/latest/meta.json").read_text())["step"] == 2
+
+
+def test_parser_builds_without_torch_import():
+    assert build_parser() is not None
+    with pytest.raises(UserError):
+        raise UserError("sanity")

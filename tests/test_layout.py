@@ -1,0 +1,75 @@
+"""The package's shape: imports point one way, model.py is pure math, importing gptforge is light."""
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+from helpers import REPO
+
+PKG = REPO / "gptforge"
+
+# Each module's layer; a module may import gptforge modules of its own layer or lower ones only.
+LAYERS = {
+    "gptforge": 0, "gptforge.config": 0, "gptforge.common": 0,
+    "gptforge.model": 1, "gptforge.tokenizer": 1,
+    "gptforge.data": 2,
+    "gptforge.checkpoint": 3,
+    "gptforge.engine": 4, "gptforge.textgen": 4,
+    "gptforge.train": 5,
+    "gptforge.quickstart": 6, "gptforge.cli": 6, "gptforge.__main__": 7,
+}
+
+
+def layer_of(module: str) -> int:
+    parts = module.split(".")
+    for n in range(len(parts), 0, -1):
+        name = ".".join(parts[:n])
+        if name in LAYERS:
+            return LAYERS[name]
+    raise AssertionError(f"{module} has no layer in tests/test_layout.py; add it")
+
+
+def imported_modules(path: Path) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+    return {m for m in found if m.startswith("gptforge")}
+
+
+def test_imports_point_one_way():
+    bad = []
+    for path in PKG.rglob("*.py"):
+        rel = path.relative_to(REPO).with_suffix("")
+        module = ".".join(rel.parts).removesuffix(".__init__")
+        for dep in imported_modules(path):
+            if layer_of(dep) > layer_of(module):
+                bad.append(f"{module} imports {dep}")
+    assert not bad, bad
+
+
+def test_model_is_pure_math():
+    imports = set()
+    for node in ast.walk(ast.parse((PKG / "model.py").read_text())):
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            imports |= {a.name for a in node.names} if isinstance(node, ast.Import) else {node.module}
+    assert imports <= {"__future__", "math", "typing", "torch", "torch.nn", "torch.nn.functional",
+                       "gptforge.config"}, imports
+    source = (PKG / "model.py").read_text()
+    for word in ("print(", "open(", "logging", "distributed"):
+        assert word not in source
+
+
+def test_import_gptforge_is_light():
+    code = ("import sys, gptforge, gptforge.config, gptforge.cli; "
+            "print(','.join(m for m in ('torch','matplotlib','datasets','transformers','tiktoken') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
+    assert out.stdout.strip() == "", f"heavy modules imported at start-up: {out.stdout}"
+
+
+def test_modules_stay_small():
+    big = [f"{p.name}: {n}" for p in PKG.rglob("*.py") if (n := len(p.read_text().splitlines())) > 500]
+    assert not big, big

@@ -1,0 +1,138 @@
+"""The training loop: it learns, writes its run directory, resumes bit-exactly after SIGKILL, and two
+DDP processes follow the same loss trajectory as one process with the same global batch."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from gptforge.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+from gptforge.data.prepare import prepare
+from gptforge.train.optim import lr_at
+from gptforge.train.pretrain import run_training
+from helpers import REPO, run_cli, tiny_train_args, write_corpus
+
+
+@pytest.fixture(scope="module")
+def byte_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    cfg = DataConfig(source=str(write_corpus(root / "corpus.txt", n_lines=600)), tokenizer="byte", num_proc=1)
+    prepare(cfg, root / "shards", progress=False)
+    return root / "shards"
+
+
+def read_metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_schedule_warms_up_then_decays_to_floor():
+    cfg = TrainConfig(lr=1.0, warmup_steps=10, max_steps=110, min_lr_ratio=0.1)
+    assert lr_at(0, cfg) == pytest.approx(0.1)
+    assert lr_at(9, cfg) == pytest.approx(1.0)
+    assert lr_at(60, cfg) == pytest.approx(0.55)
+    assert lr_at(110, cfg) == pytest.approx(0.1) and lr_at(500, cfg) == pytest.approx(0.1)
+    lrs = [lr_at(s, cfg) for s in range(10, 110)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+
+
+def test_training_learns_and_writes_run_directory(byte_data, tmp_path):
+    run_dir = tmp_path / "run"
+    cfg = RunConfig(model=ModelConfig(preset="tiny"), data=DataConfig(dir=str(byte_data)),
+                    train=TrainConfig(run_dir=str(run_dir), device="cpu", micro_batch_size=16, max_steps=120,
+                                      lr=3e-3, warmup_steps=10, eval_every=40, eval_batches=4, log_every=10,
+                                      checkpoint_every=40, tokens_per_step=16 * 64 * 2, progress=False,
+                                      sample_every=60, sample_tokens=16))
+    result = run_training(cfg)
+    assert result.step == 120
+    records = read_metrics(run_dir)
+    losses = [r["loss"] for r in records if "loss" in r]
+    vals = [r["val_loss"] for r in records if "val_loss" in r]
+    assert losses[0] > math.log(257) - 0.5  # starts near uniform over the byte vocabulary
+    assert losses[-1] < 2.6 and vals[-1] < 2.6  # and learns the corpus's words
+    assert len(vals) == 3 and result.best_val_loss == pytest.approx(min(vals), abs=1e-4)
+    assert any("sample" in r for r in records)
+    for name in ("config.yaml", "loss.png", "checkpoints/latest/model.safetensors",
+                 "checkpoints/latest/trainer/optimizer.safetensors", "checkpoints/best/model.safetensors",
+                 "checkpoints/best/tokenizer/tokenizer.json"):
+        assert (run_dir / name).is_file(), name
+    assert (run_dir / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    saved = (run_dir / "config.yaml").read_text()
+    assert "tokens_per_step: 2048" in saved and "vocab_size: 257" in saved  # resolved values
+    best_meta = json.loads((run_dir / "checkpoints/best/meta.json").read_text())
+    assert best_meta["val_loss"] == pytest.approx(min(vals), abs=1e-4)
+
+
+def test_resume_after_sigkill_is_bitwise_identical(byte_data, tmp_path):
+    args = ["--train.max_steps", "150", "--train.checkpoint_every", "10", "--train.eval_every", "50",
+            "--model.dropout", "0.1"]  # dropout: the RNG state must be restored too
+    straight = tmp_path / "straight"
+    done = run_cli(*tiny_train_args(byte_data, straight, *args))
+    assert done.returncode == 0, done.stderr
+
+    killed = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "gptforge", *tiny_train_args(byte_data, killed, *args)]
+    proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    meta = killed / "checkpoints" / "latest" / "meta.json"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if json.loads(meta.read_text())["step"] >= 30:
+                break
+        except (FileNotFoundError, json.JSONDecodeError, KeyError):
+            pass
+        time.sleep(0.005)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = json.loads(meta.read_text())["step"]
+    assert 30 <= killed_at < 150
+
+    resumed = run_cli(*tiny_train_args(byte_data, killed, *args))
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming from" in resumed.stdout
+    a = load_file(str(straight / "checkpoints/latest/model.safetensors"))
+    b = load_file(str(killed / "checkpoints/latest/model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    # the resumed run's metrics continue the interrupted ones without duplicate steps
+    steps = [r["step"] for r in read_metrics(killed) if "loss" in r]
+    assert steps == sorted(set(steps)) and steps[-1] == 150
+
+
+def test_ddp_two_processes_match_one_process_with_same_global_batch(byte_data, tmp_path):
+    common = ["--train.max_steps", "12", "--train.log_every", "1", "--train.eval_every", "6",
+              "--train.checkpoint_every", "0", "--train.sampling", "random"]
+    one = run_cli(*tiny_train_args(byte_data, tmp_path / "one", *common, "--train.micro_batch_size", "8"))
+    assert one.returncode == 0, one.stderr
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517"]
+    two = run_cli(*tiny_train_args(byte_data, tmp_path / "two", *common, "--train.micro_batch_size", "4"),
+                  launcher=launcher, env={"OMP_NUM_THREADS": "1"})
+    assert two.returncode == 0, two.stderr[-3000:]
+    loss_one = [r["loss"] for r in read_metrics(tmp_path / "one") if "loss" in r]
+    loss_two = [r["loss"] for r in read_metrics(tmp_path / "two") if "loss" in r]
+    assert len(loss_one) == len(loss_two) == 12
+    assert loss_one == pytest.approx(loss_two, abs=2e-4)
+    val_one = [r["val_loss"] for r in read_metrics(tmp_path / "one") if "val_loss" in r]
+    val_two = [r["val_loss"] for r in read_metrics(tmp_path / "two") if "val_loss" in r]
+    assert val_one == pytest.approx(val_two, abs=2e-4)
+
+
+def test_gradient_accumulation_matches_one_big_batch(byte_data, tmp_path):
+    base = ["--train.max_steps", "8", "--train.log_every", "1", "--train.eval_every", "0",
+            "--train.checkpoint_every", "0", "--train.sampling", "sequential"]
+    big = run_cli(*tiny_train_args(byte_data, tmp_path / "big", *base, "--train.micro_batch_size", "8"))
+    acc = run_cli(*tiny_train_args(byte_data, tmp_path / "acc", *base, "--train.micro_batch_size", "4",
+                                   "--train.tokens_per_step", str(8 * 64)))
+    assert big.returncode == 0 and acc.returncode == 0, big.stderr + acc.stderr
+    a = [r["loss"] for r in read_metrics(tmp_path / "big") if "loss" in r]
+    b = [r["loss"] for r in read_metrics(tmp_path / "acc") if "loss" in r]
+    assert a == pytest.approx(b, abs=2e-4)

@@ -152,9 +152,10 @@ class GPT(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None,
                 kv_cache: Optional[KVCache] = None):
-        """idx (B, T) token ids -> (logits (B, T, vocab_size), loss or None).
+        """idx (B, T) token ids -> (logits (B, T, vocab_size), None), or with targets -> (None, loss).
 
-        targets (B, T): next-token ids; positions holding -100 are left out of the loss.
+        targets (B, T): next-token ids; positions holding -100 are left out of the loss. The loss is
+        computed by `linear_cross_entropy` without materialising the logits (see there).
         kv_cache: continue from the cached prefix instead of attending only within idx.
         """
         B, T = idx.size()
@@ -175,13 +176,14 @@ class GPT(nn.Module):
         if kv_cache is not None:
             kv_cache.pos += T
 
-        # Padded vocabulary slots are dropped here, so they can be neither sampled nor trained on.
-        logits = self.lm_head(x)[..., : self.config.vocab_size]  # (B, T, vocab_size)
-        loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1),
-                                   ignore_index=-100)
-        return logits, loss
+            # Training/eval: the loss straight from the hidden states, never materialising (B, T, V) logits.
+            loss = linear_cross_entropy(x.reshape(B * T, -1), self.lm_head.weight, targets.reshape(-1),
+                                        self.config.vocab_size)
+            return None, loss
+        # Padded vocabulary slots are dropped here, so they can never be sampled.
+        logits = self.lm_head(x)[..., : self.config.vocab_size]  # (B, T, vocab_size)
+        return logits, None
 
     @staticmethod
     def _cache_positions_and_mask(cache: KVCache, slots: torch.Tensor, start: int):
@@ -203,6 +205,60 @@ class GPT(nn.Module):
         itself = keys[None, :] == slots[:, None]  # (T, Tk)
         mask = (causal[None] & real) | itself[None]  # (B, T, Tk)
         return positions, mask[:, None]  # (B, 1, T, Tk), broadcast over heads
+
+
+LOSS_CHUNK_ROWS = 1024  # rows of logits alive at once in linear_cross_entropy
+
+
+def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_size: int,
+                         chunk_rows: int = LOSS_CHUNK_ROWS) -> torch.Tensor:
+    """Mean cross-entropy of logits = x @ weight.T (columns >= vocab_size excluded) against targets,
+    ignoring targets == -100. Equal to F.cross_entropy on the full logits (tested), but computed
+    chunk by chunk with the gradient formed in the same pass: the (N, V) logits, their log-softmax and
+    its gradient never exist at once, which saves most of the memory traffic of the output layer.
+    x (N, C), weight (V_padded, C), targets (N,)."""
+    if torch.compiler.is_compiling():  # the compiler fuses the plain expression well on its own
+        logits = (x @ weight.t())[:, :vocab_size].float()
+        return F.cross_entropy(logits, targets, ignore_index=-100)
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    return _LinearCrossEntropy.apply(x, weight, targets, vocab_size, chunk_rows, needs_grad)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, targets, vocab_size, chunk_rows, needs_grad):
+        device = x.device.type
+        # Under autocast do the matmuls in the autocast dtype, as nn.Linear would.
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        xd, wd = x.to(dtype), weight.to(dtype)
+        n_valid = (targets != -100).sum().clamp(min=1)
+        loss = torch.zeros((), device=x.device, dtype=torch.float32)
+        grad_x = torch.empty_like(x) if needs_grad else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if needs_grad else None
+        for i in range(0, x.size(0), chunk_rows):
+            xc, tc = xd[i:i + chunk_rows], targets[i:i + chunk_rows]  # (n, C), (n,)
+            logits = (xc @ wd.t()).float()  # (n, V_padded)
+            logits[:, vocab_size:] = float("-inf")  # padding columns are not part of the vocabulary
+            lse = torch.logsumexp(logits, dim=1)  # (n,)
+            valid = tc != -100
+            safe = tc.clamp(min=0)[:, None]  # (n, 1)
+            loss += ((lse - logits.gather(1, safe).squeeze(1)) * valid).sum()
+            if needs_grad:
+                # d(mean loss)/d logits = (softmax - onehot(target)) / n_valid on counted rows
+                probs = logits.sub_(lse[:, None]).exp_()  # in place: the logits are no longer needed
+                probs.scatter_add_(1, safe, -torch.ones_like(safe, dtype=probs.dtype))
+                probs.mul_((valid / n_valid)[:, None])
+                probs = probs.to(dtype)
+                grad_x[i:i + chunk_rows] = probs @ wd  # (n, C)
+                grad_w.add_(probs.t() @ xc)  # (V_padded, C)
+        if needs_grad:
+            ctx.save_for_backward(grad_x, grad_w.to(weight.dtype))
+        return loss / n_valid
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_x, grad_w = ctx.saved_tensors
+        return grad_x * grad_loss, grad_w * grad_loss, None, None, None, None
 
 
 def count_parameters(model: GPT) -> int:

@@ -5,7 +5,7 @@ import torch
 
 from gptforge.common import UserError
 from gptforge.config import PRESETS, ModelConfig, resolve_model_config
-from gptforge.model import GPT, KVCache, count_parameters, manual_attention
+from gptforge.model import GPT, KVCache, count_parameters, linear_cross_entropy, manual_attention
 
 
 def tiny(vocab=100, **kw) -> GPT:
@@ -125,14 +125,50 @@ def test_left_padded_cache_rows_match_unpadded_rows():
     assert torch.isfinite(logits).all()
 
 
-def test_loss_ignores_minus_100_targets():
+def test_loss_ignores_minus_100_targets_and_matches_reference():
     model = tiny()
     x = torch.randint(0, 100, (2, 10))
     y = x.clone()
     y[:, :5] = -100
-    logits, loss = model(x, y)
+    no_logits, loss = model(x, y)
+    assert no_logits is None  # the loss path never materialises logits
+    logits, _ = model(x)
     ref = torch.nn.functional.cross_entropy(logits[:, 5:].reshape(-1, 100), y[:, 5:].reshape(-1))
     torch.testing.assert_close(loss, ref)
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 7, 64, 4096])
+def test_chunked_linear_cross_entropy_matches_reference_gradients(chunk_rows):
+    torch.manual_seed(0)
+    x = torch.randn(150, 24, requires_grad=True)
+    w = torch.randn(128, 24, requires_grad=True)  # 128 padded rows, vocabulary 100
+    t = torch.randint(0, 100, (150,))
+    t[::9] = -100
+    loss = linear_cross_entropy(x, w, t, vocab_size=100, chunk_rows=chunk_rows)
+    (2.5 * loss).backward()  # an upstream gradient other than 1 must scale through
+    gx, gw = x.grad.clone(), w.grad.clone()
+    x.grad = w.grad = None
+    ref = torch.nn.functional.cross_entropy((x @ w.t())[:, :100], t, ignore_index=-100)
+    (2.5 * ref).backward()
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(gx, x.grad, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(gw, w.grad, atol=1e-6, rtol=1e-5)
+    assert torch.all(gw[100:] == 0)  # padding rows get no gradient
+    with torch.no_grad():
+        torch.testing.assert_close(linear_cross_entropy(x, w, t, 100, chunk_rows), ref)
+
+
+def test_model_gradients_match_unfused_reference():
+    model = tiny()
+    x, y = torch.randint(0, 100, (2, 3, 16))
+    _, loss = model(x, y)
+    loss.backward()
+    fused = {k: p.grad.clone() for k, p in model.named_parameters()}
+    model.zero_grad()
+    logits, _ = model(x)
+    torch.nn.functional.cross_entropy(logits.reshape(-1, 100), y.reshape(-1)).backward()
+    for k, p in model.named_parameters():
+        torch.testing.assert_close(fused[k], p.grad, atol=1e-6, rtol=1e-4, msg=k)
 
 
 def test_dropout_is_active_only_in_training():

@@ -1,3 +1,4 @@
 from gptforge.cli import main
 
-main()
+if __name__ == "__main__":  # spawned tokenizer workers import this module too: they must not run the CLI
+    main()

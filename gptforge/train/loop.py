@@ -221,7 +221,8 @@ def train_loop(model: GPT, tokenizer: Tokenizer, train_batches: BatchSource,
                                         val_loss=last_val)
                 if runtime.is_main:
                     metrics.write({"step": step, "val_loss": round(last_val, 5),
-                                   "elapsed_s": round(elapsed_before + time.time() - t_start, 2)})
+                                   "elapsed_s": round(elapsed_before + time.time() - t_start, 2),
+                                   "time": round(time.time(), 3)})  # wall clock, after `best` is saved
                     if tc.plot:
                         plot_losses(metrics.read(), run_dir / "loss.png")
                     bar.write(f"step {step}: train loss {loss_value:.4f}, val loss {last_val:.4f}"

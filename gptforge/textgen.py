@@ -1,0 +1,154 @@
+"""Text in, text out: prompts are encoded, the engine generates ids, and ids become text again.
+
+What this layer adds to the token-level engine:
+- An empty prompt starts from the end-of-text token, and end-of-text ends a row (it is not shown).
+- Stop strings: a row ends as soon as one appears in its text, and the text is cut before it.
+- Streaming: text deltas per row, decoded incrementally so a multi-byte UTF-8 character split across
+  byte-level tokens is shown whole, and held back while it could still be the start of a stop string.
+- `num_samples` samples per prompt in one batch: row i*num_samples + j is sample j of prompt i.
+The returned text is the completion only, without the prompt.
+"""
+
+from __future__ import annotations
+
+import codecs
+from typing import Iterator, Optional, Sequence, Union
+
+import torch
+
+from gptforge.common import UserError
+from gptforge.config import SampleConfig
+from gptforge.engine import Engine, SamplingParams
+from gptforge.tokenizer import Tokenizer
+
+
+def generate_text(model: Union[torch.nn.Module, Engine], tokenizer: Tokenizer, prompts: Sequence[str],
+                  sample: SampleConfig, device=None, truncate: Optional[str] = None,
+                  dtype: torch.dtype = torch.float32) -> list[str]:
+    """Completions, num_samples per prompt (prompt-major order), each cut before its first stop string."""
+    engine, rows, params, texts = _setup(model, tokenizer, prompts, sample, device, dtype)
+    stop_check = (lambda b, ids: texts[b].feed(ids)) if sample.stop else None
+    outputs = engine.generate(rows, params, stop_check=stop_check, truncate=truncate)
+    # Decoded in one go, independently of the incremental decoding that streaming uses.
+    return [cut_at_stop(tokenizer.decode(ids), sample.stop) for ids in outputs]
+
+
+def stream_text(model: Union[torch.nn.Module, Engine], tokenizer: Tokenizer, prompts: Sequence[str],
+                sample: SampleConfig, device=None, truncate: Optional[str] = None,
+                dtype: torch.dtype = torch.float32) -> Iterator[tuple[int, str]]:
+    """(row index, text delta) as text becomes safe to show; the deltas of a row concatenate to what
+    `generate_text` returns for it. Row i*num_samples + j is sample j of prompt i."""
+    engine, rows, params, texts = _setup(model, tokenizer, prompts, sample, device, dtype)
+    stop_check = (lambda b, ids: texts[b].feed(ids)) if sample.stop else None
+    steps = engine.stream(rows, params, stop_check=stop_check, truncate=truncate)  # raises bad input now
+    return _stream_deltas(steps, texts)
+
+
+def _stream_deltas(steps, texts: list["RowText"]) -> Iterator[tuple[int, str]]:
+    generated: list[list[int]] = [[] for _ in texts]
+    for step in steps:
+        for b, (tok, why) in enumerate(zip(step.tokens, step.finished)):
+            row = texts[b]
+            if tok is not None:
+                generated[b].append(tok)
+                row.feed(generated[b])  # a no-op when stop_check has already fed this token
+            if why is not None and not row.closed:
+                row.close()
+            delta = row.take()
+            if delta:
+                yield b, delta
+    for b, row in enumerate(texts):  # rows the engine never finished (max_new_tokens == 0, or cut short)
+        if not row.closed:
+            row.close()
+            delta = row.take()
+            if delta:
+                yield b, delta
+
+
+def _setup(model, tokenizer: Tokenizer, prompts: Sequence[str], sample: SampleConfig, device, dtype):
+    engine = model if isinstance(model, Engine) else Engine(model, device=device, dtype=dtype)
+    if engine.config.vocab_size != tokenizer.vocab_size:
+        raise UserError(f"model vocab {engine.config.vocab_size} != tokenizer vocab {tokenizer.vocab_size}; "
+                        "use the tokenizer the model was trained with")
+    if isinstance(prompts, str):
+        raise UserError("prompts must be a list of strings, not a single string")
+    if sample.num_samples < 1:
+        raise UserError(f"num_samples must be >= 1, got {sample.num_samples}")
+    if any(not s for s in sample.stop):
+        raise UserError("stop strings must not be empty")
+    encoded = [tokenizer.encode(p) or [tokenizer.eot_id] for p in prompts]
+    rows = [list(ids) for ids in encoded for _ in range(sample.num_samples)]
+    params = SamplingParams.from_config(sample, stop_token_ids={tokenizer.eot_id})
+    texts = [RowText(tokenizer, sample.stop) for _ in rows]
+    return engine, rows, params, texts
+
+
+def cut_at_stop(text: str, stops: Sequence[str]) -> str:
+    """Text before the earliest occurrence of any stop string (all of it if none occurs)."""
+    cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=len(text))
+    return text[:cut]
+
+
+class RowText:
+    """The text of one generated row, built up token by token.
+
+    feed() decodes new ids through an incremental UTF-8 decoder (an unfinished character waits for its
+    remaining bytes) and looks for stop strings; take() hands out the text that is safe to show.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, stops: Sequence[str] = ()):
+        self.tokenizer = tokenizer
+        self.stops = [s for s in stops if s]
+        self.longest_stop = max(map(len, self.stops), default=0)
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.text = ""
+        self.n_fed = 0  # ids decoded so far
+        self.emitted = 0  # characters handed out by take()
+        self.stopped = False  # a stop string was found; text is cut before it
+        self.closed = False  # no more ids will come
+
+    def feed(self, ids: Sequence[int]) -> bool:
+        """Decode ids[n_fed:] (ids is the row's whole generated list). Returns True once stopped."""
+        if self.stopped or len(ids) <= self.n_fed:
+            return self.stopped
+        new = ids[self.n_fed:]
+        self.n_fed = len(ids)
+        self._append(self.decoder.decode(self.tokenizer.decode_bytes(new)))
+        return self.stopped
+
+    def close(self) -> None:
+        """The row has ended: bytes of a character that never completed become U+FFFD."""
+        if not self.stopped:
+            self._append(self.decoder.decode(b"", final=True))
+        self.closed = True
+
+    def take(self) -> str:
+        """Text not handed out yet that can no longer change: while the row runs, a tail that could be the
+        beginning of a stop string is held back."""
+        end = len(self.text)
+        if not (self.closed or self.stopped):
+            end -= self._stop_prefix_len()
+        out = self.text[self.emitted:end]
+        self.emitted = max(self.emitted, end)
+        return out
+
+    def _append(self, new: str) -> None:
+        if not new:
+            return
+        # A stop string ending in the new text starts at most longest_stop - 1 characters before it.
+        start = max(0, len(self.text) - self.longest_stop + 1)
+        self.text += new
+        hits = [i for i in (self.text.find(s, start) for s in self.stops) if i >= 0]
+        if hits:
+            self.text = self.text[:min(hits)]
+            self.stopped = True
+
+    def _stop_prefix_len(self) -> int:
+        """Length of the longest tail of the text that is a proper prefix of some stop string."""
+        best = 0
+        for s in self.stops:
+            for k in range(min(len(s) - 1, len(self.text)), best, -1):
+                if self.text.endswith(s[:k]):
+                    best = k
+                    break
+        return best

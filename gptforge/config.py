@@ -144,7 +144,13 @@ class TrainConfig:
     time_limit_s: Optional[float] = None
     """Stop (after a final evaluation and checkpoint) once training has run this many seconds."""
     lr: float = 1e-3
-    """Peak learning rate."""
+    """Peak learning rate (of AdamW; Muon's is muon_lr, following the same schedule)."""
+    optimizer: str = "adamw"
+    """adamw, or muon (orthogonalised momentum for hidden matrices, AdamW for the rest)."""
+    muon_lr: float = 0.02
+    """Peak learning rate of Muon's hidden-matrix updates."""
+    muon_momentum: float = 0.95
+    """Muon's Nesterov momentum."""
     min_lr_ratio: float = 0.1
     """Cosine decay floor as a fraction of lr."""
     warmup_steps: int = 100

@@ -162,7 +162,7 @@ def train_loop(model: GPT, tokenizer: Tokenizer, train_batches: BatchSource,
         while step < tc.max_steps:
             lr = lr_at(step, tc)
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group.get("lr_scale", 1.0)
             loss_sum = torch.zeros((), device=runtime.device)
             for micro in range(accum):
                 x, y = train_batches.next_batch()

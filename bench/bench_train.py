@@ -100,7 +100,6 @@ def main() -> None:
 
         times = time_steps(step, sync, args.warmup, args.steps)
         results[name] = tokens / statistics.median(times)
-        del model, opt, fn
 
     bench("gptforge", GPT(cfg), lambda m: m(x, y)[1])
     if not args.skip_hf:

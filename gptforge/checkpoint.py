@@ -14,18 +14,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import shutil
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Optional
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from gptforge import __version__
-from gptforge.common import UserError, atomic_write_text
+from gptforge.common import UserError, recover_interrupted_swap, write_dir_atomically
 from gptforge.config import ModelConfig, from_dict
 from gptforge.model import GPT
 from gptforge.tokenizer import Tokenizer, load_tokenizer
@@ -34,36 +32,6 @@ FORMAT_VERSION = 1
 WEIGHTS, MODEL_CONFIG, META, TOKENIZER_DIR, TRAINER_DIR = (
     "model.safetensors", "model_config.json", "meta.json", "tokenizer", "trainer")
 CHECKPOINTS = "checkpoints"
-
-
-# --- atomic directories ---------------------------------------------------------------------------
-def write_dir_atomically(target: Path, fill: Callable[[Path], None]) -> None:
-    """Fill a temp dir beside `target`, then swap it in with renames. A kill at any moment leaves either
-    the old or the new directory complete (an interrupted swap is repaired by `_recover`)."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
-    old = target.parent / f".{target.name}.old"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    fill(tmp)
-    for f in tmp.rglob("*"):  # data must be on disk before the rename makes it visible
-        if f.is_file():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-    _recover(target)
-    if target.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.rename(target, old)
-    os.rename(tmp, target)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def _recover(target: Path) -> None:
-    """Finish a swap that was killed between its two renames."""
-    old = target.parent / f".{target.name}.old"
-    if not target.exists() and old.is_dir():
-        os.rename(old, target)
 
 
 # --- weights --------------------------------------------------------------------------------------
@@ -199,7 +167,7 @@ def is_checkpoint(path: Path) -> bool:
 def run_checkpoint(run_dir: Path, name: str) -> Optional[Path]:
     """checkpoints/<name> of a run directory, if it exists (repairing an interrupted swap)."""
     path = Path(run_dir) / CHECKPOINTS / name
-    _recover(path)
+    recover_interrupted_swap(path)
     return path if is_checkpoint(path) else None
 
 

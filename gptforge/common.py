@@ -8,10 +8,16 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Callable, TypeVar
+
+if TYPE_CHECKING:  # annotations only: importing torch here would slow every CLI start
+    import torch
+
+T = TypeVar("T")
 
 
 class UserError(Exception):
@@ -36,6 +42,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, default_file_mode())  # mkstemp makes 0600; give the file the usual permissions
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -43,16 +50,61 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
+def default_file_mode() -> int:
+    """0o666 less the process umask: what a plain open(path, 'w') would give."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def write_dir_atomically(target: Path, fill: Callable[[Path], T]) -> T:
+    """Let `fill` populate a temp dir beside `target`, then swap it in with renames. A kill at any moment
+    leaves either the old or the new directory complete (an interrupted swap is repaired by
+    `recover_interrupted_swap`); a failing `fill` leaves the old one untouched. Returns fill's result."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
+    old = target.parent / f".{target.name}.old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        result = fill(tmp)
+        mode = default_file_mode()
+        for f in tmp.rglob("*"):  # data must be on disk before the rename makes it visible
+            if f.is_file():
+                os.chmod(f, mode)
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    recover_interrupted_swap(target)
+    if target.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(target, old)
+    os.rename(tmp, target)
+    shutil.rmtree(old, ignore_errors=True)
+    return result
+
+
+def recover_interrupted_swap(target: Path) -> None:
+    """Finish a `write_dir_atomically` swap that was killed between its two renames."""
+    target = Path(target)
+    old = target.parent / f".{target.name}.old"
+    if not target.exists() and old.is_dir():
+        os.rename(old, target)
 
 
 @dataclass
 class Runtime:
     """Where and how this process computes. Built by `setup_runtime`, passed to everything else."""
 
-    device: "torch.device"  # noqa: F821
-    dtype: "torch.dtype"  # autocast dtype; float32 means no autocast  # noqa: F821
+    device: "torch.device"
+    dtype: "torch.dtype"  # autocast dtype; float32 means no autocast
     rank: int = 0
     local_rank: int = 0
     world_size: int = 1
@@ -82,7 +134,7 @@ class Runtime:
             print(*args, **kwargs, flush=True)
 
 
-def pick_device(requested: str = "auto") -> "torch.device":  # noqa: F821
+def pick_device(requested: str = "auto") -> "torch.device":
     import torch
 
     if requested == "auto":
@@ -102,7 +154,7 @@ def pick_device(requested: str = "auto") -> "torch.device":  # noqa: F821
     return device
 
 
-def pick_dtype(requested: str, device: "torch.device") -> "torch.dtype":  # noqa: F821
+def pick_dtype(requested: str, device: "torch.device") -> "torch.dtype":
     import torch
 
     names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,

@@ -239,18 +239,25 @@ class _LinearCrossEntropy(torch.autograd.Function):
             xc, tc = xd[i:i + chunk_rows], targets[i:i + chunk_rows]  # (n, C), (n,)
             logits = (xc @ wd.t()).float()  # (n, V_padded)
             logits[:, vocab_size:] = float("-inf")  # padding columns are not part of the vocabulary
-            lse = torch.logsumexp(logits, dim=1)  # (n,)
             valid = tc != -100
             safe = tc.clamp(min=0)[:, None]  # (n, 1)
-            loss += ((lse - logits.gather(1, safe).squeeze(1)) * valid).sum()
+            target_logit = logits.gather(1, safe).squeeze(1)  # (n,)
+            # log-sum-exp in place, in as few passes over the (n, V) block as possible
+            row_max = logits.amax(dim=1, keepdim=True)  # (n, 1)
+            exps = logits.sub_(row_max).exp_()  # the logits are not needed any more
+            sums = exps.sum(dim=1, keepdim=True)  # (n, 1)
+            lse = (row_max + sums.log()).squeeze(1)  # (n,)
+            loss += ((lse - target_logit) * valid).sum()
             if needs_grad:
                 # d(mean loss)/d logits = (softmax - onehot(target)) / n_valid on counted rows
-                probs = logits.sub_(lse[:, None]).exp_()  # in place: the logits are no longer needed
-                probs.scatter_add_(1, safe, -torch.ones_like(safe, dtype=probs.dtype))
-                probs.mul_((valid / n_valid)[:, None])
+                probs = exps.mul_((valid / n_valid)[:, None] / sums)
+                probs.scatter_add_(1, safe, -(valid / n_valid)[:, None].to(probs.dtype))
                 probs = probs.to(dtype)
                 grad_x[i:i + chunk_rows] = probs @ wd  # (n, C)
-                grad_w.add_(probs.t() @ xc)  # (V_padded, C)
+                if grad_w.dtype == dtype:
+                    grad_w.addmm_(probs.t(), xc)  # (V_padded, C), accumulated without a temporary
+                else:
+                    grad_w.add_(probs.t() @ xc)  # low-precision product, accumulated in fp32
         if needs_grad:
             ctx.save_for_backward(grad_x, grad_w.to(weight.dtype))
         return loss / n_valid

@@ -97,7 +97,7 @@ def test_resume_after_sigkill_is_bitwise_identical(byte_data, tmp_path):
 
     resumed = run_cli(*tiny_train_args(byte_data, killed, *args))
     assert resumed.returncode == 0, resumed.stderr
-    assert f"resuming from" in resumed.stdout
+    assert "resuming from" in resumed.stdout
     a = load_file(str(straight / "checkpoints/latest/model.safetensors"))
     b = load_file(str(killed / "checkpoints/latest/model.safetensors"))
     assert a.keys() == b.keys()

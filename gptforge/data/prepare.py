@@ -17,16 +17,14 @@ import hashlib
 import json
 import multiprocessing as mp
 import os
-import shutil
 import time
-import uuid
 from collections import deque
 from pathlib import Path
 from typing import Iterator, Optional
 
 import numpy as np
 
-from gptforge.common import UserError, atomic_write_text, human_count
+from gptforge.common import UserError, atomic_write_text, human_count, write_dir_atomically
 from gptforge.config import DataConfig
 from gptforge.data.sources import Piece, iter_documents, source_total_bytes
 from gptforge.tokenizer import build_tokenizer, load_tokenizer
@@ -209,10 +207,8 @@ def prepare(cfg: DataConfig, out_dir: Optional[Path] = None, progress: bool = Tr
     _check_target(out_dir, overwrite)
     num_proc = cfg.num_proc or os.cpu_count() or 1
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+
+    def fill(tmp: Path) -> dict:
         tok = _make_tokenizer(cfg)
         tok.save(tmp / "tokenizer")
         dtype = token_dtype(tok.vocab_size)
@@ -230,11 +226,9 @@ def prepare(cfg: DataConfig, out_dir: Optional[Path] = None, progress: bool = Tr
             "splits": splits, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=1))  # last: marks completeness
-        _swap_in(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return manifest
+        return manifest
+
+    return write_dir_atomically(out_dir, fill)
 
 
 def _check_target(out_dir: Path, overwrite: bool) -> None:
@@ -245,17 +239,6 @@ def _check_target(out_dir: Path, overwrite: bool) -> None:
     if not overwrite:
         raise UserError(f"{out_dir} already holds prepared data; use --overwrite to replace it or pick "
                         "another --data.dir")
-
-
-def _swap_in(tmp: Path, out_dir: Path) -> None:
-    """Rename the finished folder into place; an old one is moved aside first and deleted after."""
-    old = None
-    if out_dir.exists():
-        old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
-        os.rename(out_dir, old)
-    os.rename(tmp, out_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _make_tokenizer(cfg: DataConfig):

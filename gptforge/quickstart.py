@@ -13,7 +13,7 @@ from gptforge.model import GPT
 
 # A character-level model: learns spelling, verse layout and speaker names within minutes on a laptop CPU.
 QUICKSTART_MODEL = ModelConfig(n_layer=4, n_head=4, n_embd=192, block_size=128, dropout=0.0, bias=False)
-QUICKSTART_BATCH = 32
+QUICKSTART_BATCH = 16
 
 
 def seconds_per_step(model_cfg: ModelConfig, batch: int, runtime, steps: int = 3) -> float:
@@ -56,7 +56,7 @@ def quickstart(run_dir: Path = Path("runs/quickstart"), minutes: float = 3.0, de
           f"(~{minutes:g} min) into {run_dir}", flush=True)
     cfg.train = TrainConfig(
         run_dir=str(run_dir), device=device, micro_batch_size=QUICKSTART_BATCH, max_steps=max_steps,
-        lr=2e-3, warmup_steps=min(100, max_steps // 10), min_lr_ratio=0.1, weight_decay=0.1,
+        lr=3e-3, warmup_steps=min(100, max_steps // 10), min_lr_ratio=0.1, weight_decay=0.1,
         eval_every=max(50, max_steps // 10), eval_batches=20, checkpoint_every=max(50, max_steps // 10),
         time_limit_s=budget * 1.5, seed=1337)
     result = run_training(cfg, runtime)

@@ -143,9 +143,13 @@ def test_bad_config_keys_and_types(tmp_path, capsys):
                         "--train.progress", "false"], "unknown model preset")
 
 
-def test_out_of_memory_suggests_smaller_micro_batch(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("error", [
+    torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"),
+    RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory"),
+    RuntimeError("MPS backend out of memory (MPS allocated: 17.00 GB)")])
+def test_out_of_memory_suggests_smaller_micro_batch(tmp_path, capsys, monkeypatch, error):
     def oom(*args, **kwargs):
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        raise error
 
     monkeypatch.setattr(GPT, "forward", oom)
     fails_with(capsys, ["train", "--model.preset", "tiny", "--train.run_dir", str(tmp_path / "r"),

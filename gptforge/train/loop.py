@@ -46,6 +46,12 @@ class LoopResult:
     stopped_early: bool
 
 
+def is_out_of_memory(error: BaseException) -> bool:
+    message = str(error)
+    return isinstance(error, torch.OutOfMemoryError) or "can't allocate memory" in message \
+        or "out of memory" in message
+
+
 def grad_accum_steps(cfg: RunConfig, world_size: int) -> int:
     per_micro = cfg.train.micro_batch_size * cfg.model.block_size * world_size
     if not cfg.train.tokens_per_step:
@@ -245,7 +251,9 @@ def train_loop(model: GPT, tokenizer: Tokenizer, train_batches: BatchSource,
         save_latest()
         raise UserError(f"interrupted at step {step}; saved {run_dir / CHECKPOINTS / 'latest'}. "
                         "Run the same command again to resume") from None
-    except torch.OutOfMemoryError:
+    except RuntimeError as e:  # torch.OutOfMemoryError on CUDA; a plain RuntimeError on CPU and MPS
+        if not is_out_of_memory(e):
+            raise
         raise UserError(f"out of memory at micro_batch_size={tc.micro_batch_size}; use a smaller "
                         "--train.micro_batch_size (and --train.tokens_per_step to keep the batch)") from None
     finally:

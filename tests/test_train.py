@@ -136,3 +136,28 @@ def test_gradient_accumulation_matches_one_big_batch(byte_data, tmp_path):
     a = [r["loss"] for r in read_metrics(tmp_path / "big") if "loss" in r]
     b = [r["loss"] for r in read_metrics(tmp_path / "acc") if "loss" in r]
     assert a == pytest.approx(b, abs=2e-4)
+
+
+def test_init_from_checkpoint_continues_from_its_weights_and_checks_vocab(byte_data, tmp_path):
+    base = dict(device="cpu", micro_batch_size=8, lr=3e-3, warmup_steps=5, eval_every=0, eval_batches=4,
+                checkpoint_every=0, progress=False, log_every=1)
+    first = RunConfig(model=ModelConfig(preset="tiny"), data=DataConfig(dir=str(byte_data)),
+                      train=TrainConfig(run_dir=str(tmp_path / "a"), max_steps=60, **base))
+    trained = run_training(first)
+    second = RunConfig(model=ModelConfig(preset="tiny"), data=DataConfig(dir=str(byte_data)),
+                       train=TrainConfig(run_dir=str(tmp_path / "b"), max_steps=2, init_from=str(tmp_path / "a"),
+                                         **base))
+    run_training(second)
+    start_loss = read_metrics(tmp_path / "b")[0]["loss"]
+    assert abs(start_loss - trained.train_loss) < 0.3 < math.log(257) - start_loss  # not a fresh model
+
+    char_dir = tmp_path / "char"
+    prepare(DataConfig(source=str(write_corpus(tmp_path / "c.txt")), tokenizer="char", num_proc=1), char_dir,
+            progress=False)
+    mismatch = RunConfig(model=ModelConfig(preset="tiny"), data=DataConfig(dir=str(char_dir)),
+                         train=TrainConfig(run_dir=str(tmp_path / "c"), max_steps=2, init_from=str(tmp_path / "a"),
+                                           **base))
+    from gptforge.common import UserError
+
+    with pytest.raises(UserError, match="vocabulary mismatch"):
+        run_training(mismatch)

@@ -6,7 +6,7 @@ import dataclasses
 from pathlib import Path
 from typing import Optional
 
-from gptforge.checkpoint import load_model, read_model_config, run_checkpoint
+from gptforge.checkpoint import load_model, read_model_config, resolve_checkpoint, run_checkpoint
 from gptforge.common import Runtime, UserError, seed_everything, setup_runtime, teardown_runtime
 from gptforge.config import ModelConfig, RunConfig, resolve_model_config, save_yaml
 from gptforge.data.loader import TokenLoader
@@ -38,24 +38,18 @@ def ensure_prepared(cfg: RunConfig, runtime: Runtime) -> Path:
 def resolve_run_model(cfg: RunConfig, tokenizer: Tokenizer) -> ModelConfig:
     """The model config for this run: a preset and explicit fields, sized to the tokenizer's vocabulary."""
     if cfg.train.init_from:
-        model_cfg = read_model_config(_checkpoint_path(cfg.train.init_from))
-        # dropout is a training choice, not part of the weights
+        # the checkpoint fixes architecture and vocabulary; dropout is a training choice, not a weight
+        model_cfg = read_model_config(resolve_checkpoint(Path(cfg.train.init_from)))
         model_cfg = dataclasses.replace(model_cfg, dropout=cfg.model.dropout)
+        vocab_is_fixed = True
     else:
         model_cfg = resolve_model_config(cfg.model)
-    default_vocab = ModelConfig().vocab_size
-    if model_cfg.vocab_size not in (default_vocab, tokenizer.vocab_size) or (
-            cfg.train.init_from and model_cfg.vocab_size != tokenizer.vocab_size):
+        vocab_is_fixed = model_cfg.vocab_size != ModelConfig().vocab_size  # the default means "the tokenizer's"
+    if vocab_is_fixed and model_cfg.vocab_size != tokenizer.vocab_size:
         raise UserError(f"vocabulary mismatch: the model has {model_cfg.vocab_size} tokens but the data's "
                         f"{tokenizer.kind} tokenizer has {tokenizer.vocab_size}; prepare the data with the "
                         "model's tokenizer (or drop --model.vocab_size)")
     return dataclasses.replace(model_cfg, vocab_size=tokenizer.vocab_size).validate()
-
-
-def _checkpoint_path(path: str) -> Path:
-    from gptforge.checkpoint import resolve_checkpoint
-
-    return resolve_checkpoint(Path(path))
 
 
 def check_resume_compatible(saved: ModelConfig, current: ModelConfig, run_dir: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -47,7 +48,7 @@ def quickstart(run_dir: Path = Path("runs/quickstart"), minutes: float = 3.0, de
                     train=TrainConfig(run_dir=str(run_dir), device=device))
     data_dir = ensure_prepared(cfg, runtime)
     vocab = load_manifest(data_dir)["tokenizer"]["vocab_size"]
-    model_cfg = ModelConfig(**{**QUICKSTART_MODEL.__dict__, "vocab_size": vocab})
+    model_cfg = dataclasses.replace(QUICKSTART_MODEL, vocab_size=vocab)
     step_s = seconds_per_step(model_cfg, QUICKSTART_BATCH, runtime)
     budget = minutes * 60
     # ~10% of the budget goes to evaluation and checkpoints

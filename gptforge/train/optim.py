@@ -104,11 +104,11 @@ class Muon(torch.optim.Optimizer):
     def _adamw_update(p, state, group):
         beta1, beta2 = group["betas"]
         if not state:
-            state["step"] = torch.zeros((), dtype=torch.float32)
+            state["step"] = 0  # a Python int: reading a device tensor here would sync every parameter
             state["exp_avg"] = torch.zeros_like(p)
             state["exp_avg_sq"] = torch.zeros_like(p)
         state["step"] += 1
-        t = state["step"].item()
+        t = state["step"]
         state["exp_avg"].lerp_(p.grad, 1 - beta1)
         state["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
         denom = (state["exp_avg_sq"] / (1 - beta2 ** t)).sqrt_().add_(group["eps"])

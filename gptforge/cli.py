@@ -60,6 +60,30 @@ def build_parser() -> ArgumentParser:
     quick.add_argument("--minutes", type=float, default=3.0, help="Training time budget in minutes.")
     quick.add_argument("--device", type=str, default="auto", help="cpu, cuda, mps or auto.")
     sub.add_subcommand("quickstart", quick, help="Prepare Shakespeare, train a small model, print samples.")
+
+    # --- interop (gptforge/interop/) -------------------------------------------------------------
+    imp = ArgumentParser(description="Import GPT-2 weights (Hugging Face model id or folder, or OpenAI's "
+                                     "original TensorFlow checkpoint folder) as a gptforge checkpoint.")
+    imp.add_argument("source", type=str, help="gpt2, gpt2-medium, gpt2-large, gpt2-xl, openai-community/..., "
+                                              "a Hugging Face model folder, or an OpenAI checkpoint folder.")
+    imp.add_argument("--out", type=str, required=True, help="Checkpoint directory to write.")
+    sub.add_subcommand("import-gpt2", imp, help="Import OpenAI / Hugging Face GPT-2 weights.")
+
+    exp = ArgumentParser(description="Export a checkpoint as a Hugging Face transformers model folder.")
+    exp.add_argument("checkpoint", type=str, help="Checkpoint directory, or a run directory (uses best, else latest).")
+    exp.add_argument("--out", type=str, required=True, help="Folder to write (config.json, model.safetensors, tokenizer).")
+    sub.add_subcommand("export-hf", exp, help="Export a checkpoint for transformers.")
+
+    # --- evaluation (gptforge/eval/) ---------------------------------------------------------------
+    ev = ArgumentParser(description="Evaluate a checkpoint: loss/perplexity on text or prepared shards, or a "
+                                    "multiple-choice benchmark.")
+    ev.add_argument("checkpoint", type=str, help="Checkpoint directory, or a run directory (uses best, else latest).")
+    sub.add_subcommand("eval", ev, help="Perplexity, bits per byte, HellaSwag and other benchmarks.")
+
+    # --- serving (gptforge/serve/) -----------------------------------------------------------------
+    srv = ArgumentParser(description="Serve a checkpoint over an OpenAI-compatible HTTP API, with a web app at /.")
+    srv.add_argument("checkpoint", type=str, help="Checkpoint directory, or a run directory (uses best, else latest).")
+    sub.add_subcommand("serve", srv, help="OpenAI-compatible API server and web app.")
     return parser
 
 
@@ -127,7 +151,30 @@ def cmd_quickstart(ns) -> None:
     quickstart(run_dir=Path(ns.run_dir), minutes=ns.minutes, device=ns.device)
 
 
-COMMANDS = {"prepare": cmd_prepare, "train": cmd_train, "generate": cmd_generate, "quickstart": cmd_quickstart}
+def cmd_import_gpt2(ns) -> None:
+    from gptforge.interop import import_gpt2
+
+    out = import_gpt2(ns.source, Path(ns.out))
+    print(f"imported {ns.source} -> {out}")
+
+
+def cmd_export_hf(ns) -> None:
+    from gptforge.interop import export_hf
+
+    out = export_hf(Path(ns.checkpoint), Path(ns.out))
+    print(f"exported {ns.checkpoint} -> {out} (load with transformers' AutoModelForCausalLM.from_pretrained)")
+
+
+def cmd_eval(ns) -> None:
+    raise UserError("eval is not wired yet")
+
+
+def cmd_serve(ns) -> None:
+    raise UserError("serve is not wired yet")
+
+
+COMMANDS = {"prepare": cmd_prepare, "train": cmd_train, "generate": cmd_generate, "quickstart": cmd_quickstart,
+            "import-gpt2": cmd_import_gpt2, "export-hf": cmd_export_hf, "eval": cmd_eval, "serve": cmd_serve}
 
 
 def main(argv: Optional[list[str]] = None) -> None:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from gptforge.common import UserError, atomic_write_text
+from gptforge.prompts import CHAT_TOKENS, END_OF_TURN, ROLE_TOKENS, check_messages
 
 EOT = "<|endoftext|>"
 TOKENIZER_FILE = "tokenizer.json"
@@ -95,6 +96,37 @@ class Tokenizer(ABC):
             if name not in self.special_tokens:
                 self.special_tokens[name] = self.vocab_size
         return [self.special_tokens[n] for n in names]
+
+    # --- chat format (see gptforge/prompts.py) ---------------------------------------------------
+    def add_chat_tokens(self) -> list[int]:
+        """Add the chat role and end-of-turn tokens; a model using them needs its embedding grown."""
+        return self.add_special_tokens(CHAT_TOKENS)
+
+    @property
+    def has_chat_template(self) -> bool:
+        return all(name in self.special_tokens for name in CHAT_TOKENS)
+
+    @property
+    def chat_stop_ids(self) -> list[int]:
+        """Generating a reply stops at the end of the assistant's turn (or at end-of-text)."""
+        return [self.special_tokens[END_OF_TURN], self.eot_id]
+
+    def encode_chat(self, messages, add_generation_prompt: bool = False) -> tuple[list[int], list[int]]:
+        """Messages [{'role', 'content'}, ...] -> (ids, loss_mask). Each turn is <|role|> content <|end|>;
+        the mask is 1 on assistant content and its <|end|> (what a chat model learns to write), 0 elsewhere.
+        add_generation_prompt appends <|assistant|> so the model writes the next reply."""
+        if not self.has_chat_template:
+            raise UserError(f"this {self.kind} tokenizer has no chat template; fine-tune with "
+                            "`gptforge finetune chat` first (it adds the chat tokens)")
+        ids, mask = [], []
+        for role, content in check_messages(messages):
+            body = self.encode(content) + [self.special_tokens[END_OF_TURN]]
+            ids += [self.special_tokens[ROLE_TOKENS[role]]] + body
+            mask += [0] + [int(role == "assistant")] * len(body)
+        if add_generation_prompt:
+            ids.append(self.special_tokens[ROLE_TOKENS["assistant"]])
+            mask.append(0)
+        return ids, mask
 
     def save(self, directory: Path) -> None:
         directory = Path(directory)

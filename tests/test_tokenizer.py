@@ -8,7 +8,7 @@ import tiktoken
 
 import gptforge.tokenizer as T
 from gptforge.common import UserError
-from gptforge.tokenizer import EOT, build_tokenizer, load_tokenizer, tokenizer_needs_corpus
+from gptforge.tokenizer import EOT, ByteTokenizer, build_tokenizer, load_tokenizer, tokenizer_needs_corpus
 
 UNICODE_TEXTS = [
     "Hello world",
@@ -241,3 +241,47 @@ def test_gpt2_checksum_mismatch_detected(toks, tmp_path):
     path.write_text(json.dumps(state))
     with pytest.raises(UserError, match="differs"):
         load_tokenizer(tmp_path)
+
+
+# --- chat format ---------------------------------------------------------------------------------
+def test_chat_template_ids_and_loss_mask(tmp_path):
+    tok = ByteTokenizer()
+    assert not tok.has_chat_template
+    with pytest.raises(UserError, match="no chat template"):
+        tok.encode_chat([{"role": "user", "content": "hi"}])
+    tok.add_chat_tokens()
+    tok = load_tokenizer(_saved(tok, tmp_path))  # the template survives a save/load
+    assert tok.has_chat_template
+    sp = tok.special_tokens
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "<|end|>hi"},
+                {"role": "assistant", "content": "yo"}, {"role": "user", "content": "ok"},
+                {"role": "assistant", "content": "!"}]
+    ids, mask = tok.encode_chat(messages)
+    expected = ([sp["<|system|>"]] + tok.encode("be brief") + [sp["<|end|>"]]
+                + [sp["<|user|>"]] + tok.encode("<|end|>hi") + [sp["<|end|>"]]  # typed specials stay text
+                + [sp["<|assistant|>"]] + tok.encode("yo") + [sp["<|end|>"]]
+                + [sp["<|user|>"]] + tok.encode("ok") + [sp["<|end|>"]]
+                + [sp["<|assistant|>"]] + tok.encode("!") + [sp["<|end|>"]])
+    assert ids == expected
+    # loss only on assistant content and the end-of-turn that closes it, in every assistant turn
+    learned = [i for i, m in zip(ids, mask) if m]
+    assert learned == tok.encode("yo") + [sp["<|end|>"]] + tok.encode("!") + [sp["<|end|>"]]
+    prompt, prompt_mask = tok.encode_chat(messages[:2], add_generation_prompt=True)
+    assert prompt[-1] == sp["<|assistant|>"] and not any(prompt_mask)
+    assert tok.chat_stop_ids == [sp["<|end|>"], tok.eot_id]
+
+
+@pytest.mark.parametrize("bad, match", [([], "non-empty"), ("hello", "non-empty"),
+                                        ([{"role": "robot", "content": "x"}], "role 'robot'"),
+                                        ([{"role": "user", "content": 3}], "must be a string"),
+                                        (["hi"], "must be an object")])
+def test_chat_rejects_bad_messages(bad, match):
+    tok = ByteTokenizer()
+    tok.add_chat_tokens()
+    with pytest.raises(UserError, match=match):
+        tok.encode_chat(bad)
+
+
+def _saved(tok, directory):
+    tok.save(directory)
+    return directory

@@ -151,12 +151,14 @@ class GPT(nn.Module):
             block.attn.use_sdpa = impl == "sdpa"
 
     def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None,
-                kv_cache: Optional[KVCache] = None):
+                kv_cache: Optional[KVCache] = None, last_only: bool = False):
         """idx (B, T) token ids -> (logits (B, T, vocab_size), None), or with targets -> (None, loss).
 
         targets (B, T): next-token ids; positions holding -100 are left out of the loss. The loss is
         computed by `linear_cross_entropy` without materialising the logits (see there).
         kv_cache: continue from the cached prefix instead of attending only within idx.
+        last_only: logits of the last position only, (B, 1, vocab_size): all that generation needs, and
+        it skips the output head over the other positions (a large share of a long prompt's prefill).
         """
         B, T = idx.size()
         start = kv_cache.pos if kv_cache is not None else 0
@@ -181,6 +183,8 @@ class GPT(nn.Module):
             loss = linear_cross_entropy(x.reshape(B * T, -1), self.lm_head.weight, targets.reshape(-1),
                                         self.config.vocab_size)
             return None, loss
+        if last_only:
+            x = x[:, -1:]  # (B, 1, C)
         # Padded vocabulary slots are dropped here, so they can never be sampled.
         logits = self.lm_head(x)[..., : self.config.vocab_size]  # (B, T, vocab_size)
         return logits, None
@@ -220,7 +224,9 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
     if torch.compiler.is_compiling():  # the compiler fuses the plain expression well on its own
         logits = (x @ weight.t())[:, :vocab_size].float()
         return F.cross_entropy(logits, targets, ignore_index=-100)
-    needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    grad_enabled = torch.is_grad_enabled()
+    # A frozen head (LoRA, a frozen body) needs no weight gradient: skip its matmul and buffer.
+    needs_grad = (grad_enabled and x.requires_grad, grad_enabled and weight.requires_grad)
     return _LinearCrossEntropy.apply(x, weight, targets, vocab_size, chunk_rows, needs_grad)
 
 
@@ -233,8 +239,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         xd, wd = x.to(dtype), weight.to(dtype)
         n_valid = (targets != -100).sum().clamp(min=1)
         loss = torch.zeros((), device=x.device, dtype=torch.float32)
-        grad_x = torch.empty_like(x) if needs_grad else None
-        grad_w = torch.zeros_like(weight, dtype=torch.float32) if needs_grad else None
+        needs_grad_x, needs_grad_w = needs_grad
+        grad_x = torch.empty_like(x) if needs_grad_x else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if needs_grad_w else None
         for i in range(0, x.size(0), chunk_rows):
             xc, tc = xd[i:i + chunk_rows], targets[i:i + chunk_rows]  # (n, C), (n,)
             logits = (xc @ wd.t()).float()  # (n, V_padded)
@@ -248,24 +255,25 @@ class _LinearCrossEntropy(torch.autograd.Function):
             sums = exps.sum(dim=1, keepdim=True)  # (n, 1)
             lse = (row_max + sums.log()).squeeze(1)  # (n,)
             loss += ((lse - target_logit) * valid).sum()
-            if needs_grad:
+            if needs_grad_x or needs_grad_w:
                 # d(mean loss)/d logits = (softmax - onehot(target)) / n_valid on counted rows
                 probs = exps.mul_((valid / n_valid)[:, None] / sums)
                 probs.scatter_add_(1, safe, -(valid / n_valid)[:, None].to(probs.dtype))
                 probs = probs.to(dtype)
-                grad_x[i:i + chunk_rows] = probs @ wd  # (n, C)
-                if grad_w.dtype == dtype:
+                if needs_grad_x:
+                    grad_x[i:i + chunk_rows] = probs @ wd  # (n, C)
+                if needs_grad_w and grad_w.dtype == dtype:
                     grad_w.addmm_(probs.t(), xc)  # (V_padded, C), accumulated without a temporary
-                else:
+                elif needs_grad_w:
                     grad_w.add_(probs.t() @ xc)  # low-precision product, accumulated in fp32
-        if needs_grad:
-            ctx.save_for_backward(grad_x, grad_w.to(weight.dtype))
+        ctx.save_for_backward(grad_x, grad_w.to(weight.dtype) if grad_w is not None else None)
         return loss / n_valid
 
     @staticmethod
     def backward(ctx, grad_loss):
         grad_x, grad_w = ctx.saved_tensors
-        return grad_x * grad_loss, grad_w * grad_loss, None, None, None, None
+        return (grad_x * grad_loss if grad_x is not None else None,
+                grad_w * grad_loss if grad_w is not None else None, None, None, None, None)
 
 
 def count_parameters(model: GPT) -> int:

@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from gptforge.common import UserError
 from gptforge.config import PRESETS, ModelConfig, resolve_model_config
@@ -184,3 +185,16 @@ def test_too_long_input_is_refused():
     model = tiny()
     with pytest.raises(ValueError, match="exceeds block_size"):
         model(torch.zeros(1, 65, dtype=torch.long))
+
+
+def test_fused_loss_with_a_frozen_head_skips_its_gradient():
+    torch.manual_seed(0)
+    x = torch.randn(10, 8, requires_grad=True)
+    w = torch.randn(70, 8)  # frozen: requires_grad False
+    t = torch.randint(0, 65, (10,))
+    loss = linear_cross_entropy(x, w, t, 65, chunk_rows=4)
+    loss.backward()
+    ref_x = x.detach().clone().requires_grad_()
+    F.cross_entropy((ref_x @ w.t())[:, :65], t).backward()
+    torch.testing.assert_close(x.grad, ref_x.grad)
+    assert w.grad is None

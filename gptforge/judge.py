@@ -1,0 +1,255 @@
+"""Score model responses with an LLM judge behind an OpenAI-compatible chat endpoint.
+
+Each JSONL line holds an instruction (optional input), the reference answer and the model's response, as
+the instruct mode writes them. The judge is asked for a 0-100 score with a fixed rubric (the
+LLMs-from-scratch ch. 7 evaluation prompt), at temperature 0, and the integer is read out of its reply.
+
+Works with any server speaking POST {endpoint}/chat/completions: Ollama (http://localhost:11434/v1),
+vLLM, llama.cpp, OpenAI, or gptforge's own server. The client is the standard library's urllib, so judging
+needs no extra dependency; `ChatClient` is written to be reused by other commands that talk to an LLM.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import math
+import re
+import statistics
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from gptforge.common import UserError
+
+RUBRIC = ("Given the input `{input}` and correct output `{reference}`, score the model response "
+          "`{response}` on a scale from 0 to 100, where 100 is the best score. "
+          "Respond with the integer number only.")
+# Field names the instruct mode writes, then accepted aliases.
+RESPONSE_FIELDS = ("response", "model_response")
+REFERENCE_FIELDS = ("output", "reference")
+
+
+# --- reading the judge's reply -----------------------------------------------------------------------
+_THINKING = re.compile(r"<think>.*?</think>", re.DOTALL | re.IGNORECASE)  # reasoning models' scratchpad
+_NUMBER = r"(?<![\w.])(-?\d+(?:\.\d+)?)"
+_OUT_OF_100 = re.compile(_NUMBER + r"\s*(?:/|out of)\s*100\b", re.IGNORECASE)
+_SCALE = re.compile(r"\b0\s*(?:-|–|to)\s*100\b", re.IGNORECASE)  # "on a scale of 0 to 100" names no score
+
+
+def parse_score(reply: str) -> Optional[int]:
+    """The score in a judge's reply: an explicit "N/100" or "N out of 100" if present, else the first number
+    in 0..100 ("85", "85.", "Score: 85", "**85**"); decimals round half up. None when there is none:
+    an unparseable reply is a failed judgement, never a zero."""
+    text = _THINKING.sub(" ", reply)
+    explicit = _OUT_OF_100.search(text)
+    candidates = [explicit.group(1)] if explicit else re.findall(_NUMBER, _SCALE.sub(" ", text))
+    for number in candidates:
+        value = float(number)
+        if 0 <= value <= 100:
+            return math.floor(value + 0.5)
+    return None
+
+
+# --- the HTTP client -----------------------------------------------------------------------------------
+class EndpointUnreachable(Exception):
+    """Connection-level failure (refused, DNS, reset) that outlasted every retry."""
+
+
+class RequestFailed(Exception):
+    """One request failed for good (timeout, 5xx/429 after retries, a 4xx about this request)."""
+
+
+@dataclass
+class ChatClient:
+    """Minimal client for POST {endpoint}/chat/completions with retries and a per-request timeout.
+
+    Retried, with exponential backoff (backoff * 2**attempt s, or the server's Retry-After if longer):
+    connection errors, timeouts, 5xx and 429. Other 4xx are not retried: 401/403/404 mean every request
+    would fail the same way (UserError at once); the rest fail only this request.
+    timeout bounds each wait on the server (connecting, and every read): a server that stops answering is
+    caught; one that keeps trickling bytes is not.
+    """
+
+    endpoint: str
+    model: str
+    api_key: Optional[str] = None
+    timeout: float = 60.0
+    retries: int = 3
+    backoff: float = 1.0
+
+    def __post_init__(self):
+        self.endpoint = self.endpoint.rstrip("/")
+        if not self.endpoint.startswith(("http://", "https://")):
+            raise UserError(f"endpoint must be an http(s) URL like http://localhost:11434/v1, got {self.endpoint!r}")
+        if not self.endpoint.endswith("/chat/completions"):
+            self.endpoint += "/chat/completions"
+
+    def complete(self, messages: list[dict], **params) -> str:
+        """The assistant message's text for one chat request."""
+        body = json.dumps({"model": self.model, "messages": messages, **params}).encode()
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        for attempt in range(self.retries + 1):
+            last = attempt == self.retries
+            request = urllib.request.Request(self.endpoint, data=body, headers=headers, method="POST")
+            try:
+                with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                    return _message_text(response.read())
+            except urllib.error.HTTPError as e:
+                detail = _error_detail(e)
+                if e.code in (401, 403):
+                    raise UserError(f"{self.endpoint} refused the request (HTTP {e.code}: {detail}); "
+                                    "check --api-key") from None
+                if e.code == 404:
+                    raise UserError(f"{self.endpoint} answered 404 ({detail}); check the model name and that "
+                                    "the endpoint is the API base, e.g. http://localhost:11434/v1") from None
+                if e.code != 429 and e.code < 500:
+                    raise RequestFailed(f"HTTP {e.code}: {detail}") from None
+                if last:
+                    raise RequestFailed(f"HTTP {e.code} after {self.retries + 1} attempts: {detail}") from None
+                self._sleep(attempt, e.headers.get("Retry-After"))
+            except (OSError, http.client.HTTPException) as e:  # URLError, timeouts, resets, refusals
+                timed_out = isinstance(getattr(e, "reason", e), TimeoutError)  # connect timeouts come wrapped
+                if last and timed_out:
+                    raise RequestFailed(f"no answer within {self.timeout:g}s, {self.retries + 1} attempts") from None
+                if last:
+                    raise EndpointUnreachable(str(getattr(e, "reason", e))) from None
+                self._sleep(attempt)
+        raise AssertionError("unreachable")
+
+    def _sleep(self, attempt: int, retry_after: Optional[str] = None) -> None:
+        delay = self.backoff * 2 ** attempt
+        if retry_after and retry_after.strip().isdigit():
+            delay = max(delay, min(float(retry_after), 60.0))  # honour the server, within reason
+        time.sleep(delay)
+
+
+def _message_text(raw: bytes) -> str:
+    try:
+        return json.loads(raw)["choices"][0]["message"]["content"] or ""
+    except (ValueError, KeyError, IndexError, TypeError):
+        raise RequestFailed(f"not an OpenAI chat completion response: {raw[:120]!r}") from None
+
+
+def _error_detail(e: urllib.error.HTTPError) -> str:
+    try:
+        text = e.read().decode("utf-8", "replace").strip()
+    except OSError:
+        text = ""
+    return (text or e.reason or "no detail")[:200].replace("\n", " ")
+
+
+# --- the judging run ------------------------------------------------------------------------------------
+def read_items(path: Path) -> list[tuple[int, dict]]:
+    """(line number, item) for each JSONL item, checked up front so a bad line fails before any request."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read {path}: {e}") from None
+    items = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path} line {number}: not valid JSON ({e.msg})") from None
+        if not isinstance(item, dict):
+            raise UserError(f"{path} line {number}: expected a JSON object, got {type(item).__name__}")
+        for names in (("instruction",), REFERENCE_FIELDS, RESPONSE_FIELDS):
+            if not any(isinstance(item.get(n), str) for n in names):
+                raise UserError(f"{path} line {number}: missing text field '{names[0]}'"
+                                + (f" (or '{names[1]}')" if len(names) > 1 else ""))
+        items.append((number, item))
+    if not items:
+        raise UserError(f"{path} has no items to judge")
+    return items
+
+
+def judge_prompt(item: dict) -> str:
+    task = item["instruction"] + (f"\n\nInput: {item['input']}" if item.get("input") else "")
+    reference = next(item[n] for n in REFERENCE_FIELDS if isinstance(item.get(n), str))
+    response = next(item[n] for n in RESPONSE_FIELDS if isinstance(item.get(n), str))
+    return RUBRIC.format(input=task, reference=reference, response=response)
+
+
+def judge_item(client: ChatClient, item: dict) -> dict:
+    """{score, judge_reply, error}: score None (and an error) when the item could not be judged."""
+    messages = [{"role": "user", "content": judge_prompt(item)}]
+    try:
+        reply = client.complete(messages, temperature=0)
+    except RequestFailed as e:
+        return {"score": None, "judge_reply": None, "error": str(e)}
+    score = parse_score(reply)
+    return {"score": score, "judge_reply": reply, "error": None if score is not None else "no 0-100 score in reply"}
+
+
+def judge_file(responses: Path, endpoint: str, model: str, *, api_key: Optional[str] = None,
+               timeout: float = 60.0, retries: int = 3, out: Optional[Path] = None, concurrency: int = 1,
+               progress: bool = True, backoff: float = 1.0) -> dict:
+    """Judge every item of a responses JSONL file; returns the summary (see `summarize`).
+
+    out: also write each item with its score, judge_reply and error as JSONL (input order). Items that
+    could not be judged (timeouts, server errors after retries, replies without a score) are counted as
+    failed and left out of the mean. An endpoint that cannot be reached at all raises UserError.
+    """
+    if concurrency < 1 or retries < 0 or not timeout > 0:
+        raise UserError("concurrency must be >= 1, retries >= 0 and timeout > 0")
+    items = read_items(Path(responses))
+    client = ChatClient(endpoint, model, api_key=api_key, timeout=timeout, retries=retries, backoff=backoff)
+    from tqdm.auto import tqdm
+
+    results: list[dict] = []
+    with ThreadPoolExecutor(max_workers=concurrency) as pool, \
+            tqdm(total=len(items), desc="judging", unit="item", disable=not progress, dynamic_ncols=True) as bar:
+        futures = [pool.submit(judge_item, client, item) for _, item in items]
+        try:
+            for future in futures:
+                results.append(future.result())
+                bar.update(1)
+        except EndpointUnreachable as e:
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise UserError(f"cannot reach {client.endpoint} ({e}) after {retries + 1} attempts; "
+                            "is the server running?") from None
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+    if out is not None:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text("".join(json.dumps({**item, **result}, ensure_ascii=False) + "\n"
+                                     for (_, item), result in zip(items, results)), encoding="utf-8")
+    lines = [number for number, _ in items]
+    return {"file": str(responses), "model": model, "endpoint": client.endpoint, **summarize(results, lines)}
+
+
+def summarize(results: list[dict], lines: list[int]) -> dict:
+    """total, scored, failed, mean/median of the scores, histogram by tens ("90-100" holds the 100s), and
+    the first failures with their line numbers."""
+    scores = [r["score"] for r in results if r["score"] is not None]
+    histogram = {f"{lo}-{lo + 9 if lo < 90 else 100}": 0 for lo in range(0, 100, 10)}
+    for s in scores:
+        lo = min(s // 10, 9) * 10
+        histogram[f"{lo}-{lo + 9 if lo < 90 else 100}"] += 1
+    failures = [{"line": n, "error": r["error"]} for n, r in zip(lines, results) if r["score"] is None]
+    return {"total": len(results), "scored": len(scores), "failed": len(failures),
+            "mean": statistics.fmean(scores) if scores else None,
+            "median": statistics.median(scores) if scores else None,
+            "histogram": histogram, "failures": failures[:20]}
+
+
+def format_report(report: dict) -> str:
+    """A few lines for the terminal: mean and counts, then the histogram as bars."""
+    mean = f"{report['mean']:.1f}" if report["mean"] is not None else "n/a"
+    lines = [f"judge {report['model']}: mean score {mean} over {report['scored']} of {report['total']} items"
+             f" ({report['failed']} failed)"]
+    width = max(report["histogram"].values()) or 1
+    for bucket, count in report["histogram"].items():
+        lines.append(f"  {bucket:>6} | {'#' * round(30 * count / width):<30} {count}")
+    lines += [f"  line {f['line']}: {f['error']}" for f in report["failures"][:5]]
+    return "\n".join(lines)

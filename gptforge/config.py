@@ -179,6 +179,13 @@ class TrainConfig:
     """Prompt for periodic samples."""
     sample_tokens: int = 64
     """Tokens per periodic sample."""
+    eval_tasks: list[str] = field(default_factory=list)
+    """Benchmarks run during training and logged with the losses, e.g. [hellaswag]. Each is NAME or
+    NAME=PATH (local data file; by default the task's public file is downloaded and cached)."""
+    eval_tasks_every: int = 0
+    """Run eval_tasks every N steps and at the end (0 = at every validation, see eval_every)."""
+    eval_tasks_limit: int = 200
+    """Examples per task per run (0 = all of them)."""
     checkpoint_every: int = 500
     """Write the `latest` checkpoint every N steps (and always at the end)."""
     keep_checkpoints: bool = False

@@ -161,3 +161,44 @@ def test_init_from_checkpoint_continues_from_its_weights_and_checks_vocab(byte_d
 
     with pytest.raises(UserError, match="vocabulary mismatch"):
         run_training(mismatch)
+
+
+def test_benchmarks_during_training_are_logged_and_plotted(byte_data, tmp_path, shared_data):
+    run = tmp_path / "run"
+    res = run_cli(*tiny_train_args(byte_data, run, "--train.max_steps", "6", "--train.eval_every", "3",
+                                   "--train.eval_tasks", f"[hellaswag={shared_data / 'hellaswag_val_first500.jsonl'}]",
+                                   "--train.eval_tasks_limit", "4"))
+    assert res.returncode == 0, res.stderr
+    scored = [r for r in read_metrics(run) if "hellaswag/acc_norm" in r]
+    assert [r["step"] for r in scored] == [3, 6]
+    assert all(r["hellaswag/acc"] in (0, 0.25, 0.5, 0.75, 1.0) for r in scored)  # 4 examples
+    assert (run / "loss.png").stat().st_size > 0
+
+
+def test_unknown_benchmark_fails_before_training(byte_data, tmp_path):
+    res = run_cli(*tiny_train_args(byte_data, tmp_path / "run", "--train.max_steps", "2",
+                                   "--train.eval_tasks", "[mmlu]"))
+    assert res.returncode == 2 and "unknown task 'mmlu'" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_compiled_training_coexists_with_benchmarks_and_samples(byte_data, tmp_path, shared_data):
+    # build-nanogpt's compiled model broke HellaSwag and sampling (new shapes); ours evaluate the
+    # uncompiled module, so the numbers equal a fresh evaluation of the saved weights.
+    from gptforge.checkpoint import load_model
+    from gptforge.eval import run_task
+
+    hellaswag = shared_data / "hellaswag_val_first500.jsonl"
+    run = tmp_path / "run"
+    res = run_cli(*tiny_train_args(byte_data, run, "--train.max_steps", "4", "--train.eval_every", "2",
+                                   "--train.compile", "true", "--train.sample_every", "2",
+                                   "--train.eval_tasks", f"[hellaswag={hellaswag}]", "--train.eval_tasks_limit", "6"))
+    assert res.returncode == 0, res.stderr
+    records = read_metrics(run)
+    assert sum("sample" in r for r in records) == 2
+    last = [r for r in records if "hellaswag/acc_norm" in r][-1]
+    model, tok, _ = load_model(run / "checkpoints" / "latest")
+    fresh = run_task(model, tok, "hellaswag", data=hellaswag, limit=6)
+    assert last["step"] == 4
+    assert (last["hellaswag/acc"], last["hellaswag/acc_norm"]) == (round(fresh["acc"], 5), round(fresh["acc_norm"], 5))

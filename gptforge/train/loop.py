@@ -108,7 +108,10 @@ def evaluate(model: torch.nn.Module, batches: Iterable[Batch], runtime: Runtime)
 def train_loop(model: GPT, tokenizer: Tokenizer, train_batches: BatchSource,
                make_val_batches: Optional[Callable[[], Iterable[Batch]]], cfg: RunConfig, runtime: Runtime,
                run_dir: Path, resume_from: Optional[Path] = None,
-               sample_fn: Optional[Callable[[GPT], str]] = None) -> LoopResult:
+               sample_fn: Optional[Callable[[GPT], str]] = None,
+               task_fn: Optional[Callable[[GPT], dict]] = None) -> LoopResult:
+    """The one training loop (pretraining and every fine-tuning mode). sample_fn writes a periodic text
+    sample, task_fn runs benchmarks (name/metric -> value); both get the plain, uncompiled model."""
     tc = cfg.train
     run_dir = Path(run_dir)
     raw_model = model  # what is saved: never the DDP wrapper or the compiled module
@@ -235,6 +238,15 @@ def train_loop(model: GPT, tokenizer: Tokenizer, train_batches: BatchSource,
                               + (" (best)" if improved else ""))
                 if tc.early_stop_patience and evals_since_best >= tc.early_stop_patience:
                     stopped_early = True
+            task_every = tc.eval_tasks_every or tc.eval_every
+            if task_fn is not None and runtime.is_main and (
+                    (task_every and step % task_every == 0) or last_step or stopped_early or out_of_time):
+                scores = task_fn(raw_model)  # through the uncompiled module: any shape, no recompiles
+                raw_model.train()
+                metrics.write({"step": step, **scores})
+                if tc.plot:
+                    plot_losses(metrics.read(), run_dir / "loss.png")
+                bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
             if sample_fn is not None and runtime.is_main and tc.sample_every and step % tc.sample_every == 0:
                 text = sample_fn(raw_model)
                 raw_model.train()

@@ -35,7 +35,8 @@ class MetricsLog:
 
 
 def plot_losses(records: list[dict[str, Any]], path: Path) -> None:
-    """Train and validation loss against step, to a PNG."""
+    """Train and validation loss against step, to a PNG; benchmark scores ("task/metric" keys, written
+    by train.eval_tasks) in a second panel beside it."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only: never open a window
@@ -43,7 +44,10 @@ def plot_losses(records: list[dict[str, Any]], path: Path) -> None:
 
     train = [(r["step"], r["loss"]) for r in records if "loss" in r]
     val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    task_keys = sorted({k for r in records for k in r if "/" in k})
+    fig, axes = plt.subplots(1, 2 if task_keys else 1, figsize=(12 if task_keys else 7, 4), dpi=100,
+                             squeeze=False)
+    ax = axes[0][0]
     if train:
         ax.plot(*zip(*train), label="train", linewidth=1)
     if val:
@@ -52,6 +56,15 @@ def plot_losses(records: list[dict[str, Any]], path: Path) -> None:
     ax.set_ylabel("loss (nats/token)")
     ax.grid(alpha=0.3)
     ax.legend()
+    if task_keys:
+        ax = axes[0][1]
+        for key in task_keys:
+            ax.plot(*zip(*[(r["step"], r[key]) for r in records if key in r]), label=key, marker="o",
+                    markersize=3)
+        ax.set_xlabel("step")
+        ax.set_ylabel("accuracy")
+        ax.grid(alpha=0.3)
+        ax.legend()
     fig.tight_layout()
     tmp = Path(path).with_suffix(".tmp.png")
     fig.savefig(tmp)

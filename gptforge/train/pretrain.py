@@ -73,6 +73,34 @@ def make_sample_fn(cfg: RunConfig, tokenizer: Tokenizer, runtime: Runtime):
     return sample
 
 
+def make_task_fn(cfg: RunConfig, tokenizer: Tokenizer, runtime: Runtime):
+    """Benchmarks during training (train.eval_tasks, as build-nanogpt runs HellaSwag): the examples are
+    loaded (downloaded if need be) once, before training starts, so a missing file fails at launch."""
+    from gptforge.eval import TASKS, choice_metrics, score_choices
+
+    tc = cfg.train
+    limit = tc.eval_tasks_limit or None
+    suites = {}
+    for spec in tc.eval_tasks:
+        name, _, path = spec.partition("=")
+        name = name.strip().lower()
+        if name not in TASKS:
+            raise UserError(f"train.eval_tasks: unknown task '{name}'; choose from {', '.join(TASKS)} "
+                            "(validation loss is always measured)")
+        adapter = TASKS[name]
+        suites[name] = adapter.examples(adapter.load(Path(path) if path else None)[:limit])
+
+    def run(model: GPT) -> dict:
+        scores = {}
+        for name, examples in suites.items():
+            result = choice_metrics(score_choices(model, tokenizer, examples, device=runtime.device,
+                                                  dtype=runtime.dtype), [ex.label for ex in examples])
+            scores.update({f"{name}/acc": round(result["acc"], 5), f"{name}/acc_norm": round(result["acc_norm"], 5)})
+        return scores
+
+    return run
+
+
 def run_training(cfg: RunConfig, runtime: Optional[Runtime] = None) -> LoopResult:
     """`gptforge train`: prepare data if needed, build or resume the model, run the loop."""
     own_runtime = runtime is None
@@ -117,7 +145,8 @@ def run_training(cfg: RunConfig, runtime: Optional[Runtime] = None) -> LoopResul
             runtime.print("no validation split large enough for one window: training without validation")
         return train_loop(model, tokenizer, train_batches, val_batches if has_val else None, cfg, runtime,
                           run_dir, resume_from=resume_from,
-                          sample_fn=make_sample_fn(cfg, tokenizer, runtime) if tc.sample_every else None)
+                          sample_fn=make_sample_fn(cfg, tokenizer, runtime) if tc.sample_every else None,
+                          task_fn=make_task_fn(cfg, tokenizer, runtime) if tc.eval_tasks and runtime.is_main else None)
     finally:
         if own_runtime:
             teardown_runtime(runtime)

@@ -7,6 +7,10 @@ A checkpoint directory holds:
     meta.json              format version, step, validation loss, what else is inside
     trainer/               only in resumable checkpoints: optimizer tensors (safetensors) + JSON state
                            (step, data-loader position, RNG states, ...)
+Fine-tuned checkpoints say what they hold in meta.json: "classifier": {"labels": [...]} adds a
+classification head (GPTClassifier); "lora": {config} + "base": PATH marks an adapter-only checkpoint, whose
+model.safetensors holds only the trained tensors (adapters, a head) and whose frozen weights are read from
+the base checkpoint (grown to this vocabulary, deterministically, if tokens were added).
 A run directory holds config.yaml, metrics.jsonl, loss.png and checkpoints/{latest,best,step_N}/.
 """
 
@@ -25,7 +29,8 @@ from safetensors.torch import load_file, save_file
 from gptforge import __version__
 from gptforge.common import UserError, recover_interrupted_swap, write_dir_atomically
 from gptforge.config import ModelConfig, from_dict
-from gptforge.model import GPT
+from gptforge.lora import LoRAConfig, apply_lora, has_lora
+from gptforge.model import GPT, GPTClassifier
 from gptforge.tokenizer import Tokenizer, load_tokenizer
 
 FORMAT_VERSION = 1
@@ -35,7 +40,10 @@ CHECKPOINTS = "checkpoints"
 
 
 # --- weights --------------------------------------------------------------------------------------
-def model_state_for_saving(model: GPT) -> dict[str, torch.Tensor]:
+def model_state_for_saving(model: GPT, adapters_only: bool = False) -> dict[str, torch.Tensor]:
+    if adapters_only:  # the base checkpoint has everything frozen; keep what training changed
+        names = {n for n, p in model.named_parameters() if p.requires_grad}
+        return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k in names}
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     if model.config.tie_embeddings:
         state.pop("lm_head.weight")  # the same tensor as transformer.wte.weight
@@ -47,8 +55,12 @@ def save_checkpoint(path: Path, model: GPT, tokenizer: Tokenizer, step: int = 0,
                     optimizer: Optional[torch.optim.Optimizer] = None, extra_meta: Optional[dict] = None) -> None:
     """Write a checkpoint directory atomically. With trainer_state/optimizer it can resume training."""
 
+    adapters_only = bool((extra_meta or {}).get("lora"))
+    if adapters_only != has_lora(model):
+        raise ValueError("a model with LoRA adapters is saved with extra_meta lora + base, and only then")
+
     def fill(d: Path) -> None:
-        save_file(model_state_for_saving(model), str(d / WEIGHTS))
+        save_file(model_state_for_saving(model, adapters_only), str(d / WEIGHTS))
         (d / MODEL_CONFIG).write_text(json.dumps(dataclasses.asdict(model.config), indent=2))
         tokenizer.save(d / TOKENIZER_DIR)
         meta = {"format": FORMAT_VERSION, "gptforge": __version__, "step": step, "val_loss": val_loss,
@@ -80,20 +92,23 @@ def load_model(path: Path, device: torch.device | str = "cpu") -> tuple[GPT, Tok
     """Load weights, tokenizer and meta from a checkpoint or run directory, checking they agree."""
     path = resolve_checkpoint(path)
     config = read_model_config(path)
+    meta = read_meta(path)
     tokenizer = load_tokenizer(path / TOKENIZER_DIR)
     if tokenizer.vocab_size != config.vocab_size:
         raise UserError(
             f"vocabulary mismatch in {path}: the model has {config.vocab_size} tokens but its tokenizer has "
             f"{tokenizer.vocab_size}; the checkpoint's tokenizer/ folder does not belong to these weights"
         )
-    try:
-        state = load_file(str(path / WEIGHTS), device="cpu")
-    except FileNotFoundError:
-        raise UserError(f"checkpoint {path} has no {WEIGHTS}; it is incomplete") from None
-    except (SafetensorError, OSError) as e:
-        raise UserError(f"{path / WEIGHTS} is corrupt ({e}); use another checkpoint") from None
+    state = _read_weights(path)
     with torch.device("meta"):
-        model = GPT(config)
+        labels = (meta.get("classifier") or {}).get("labels")
+        model = GPTClassifier(config, len(labels)) if labels else GPT(config)
+    if meta.get("lora"):
+        trained = set(state)  # adapters and any head: trainable again, as when they were saved
+        state = {**_base_state(path, meta, config), **state}
+        apply_lora(model, LoRAConfig(**meta["lora"]))
+        for name, p in model.named_parameters():
+            p.requires_grad_(name in trained)
     model = model.to_empty(device="cpu")
     if config.tie_embeddings:
         state["lm_head.weight"] = state["transformer.wte.weight"]
@@ -107,7 +122,31 @@ def load_model(path: Path, device: torch.device | str = "cpu") -> tuple[GPT, Tok
         raise UserError(f"{path / WEIGHTS} does not match {MODEL_CONFIG}: {str(e).splitlines()[-1].strip()}") from None
     if config.tie_embeddings:
         model.lm_head.weight = model.transformer.wte.weight
-    return model.to(device), tokenizer, read_meta(path)
+    return model.to(device), tokenizer, meta
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path / WEIGHTS), device="cpu")
+    except FileNotFoundError:
+        raise UserError(f"checkpoint {path} has no {WEIGHTS}; it is incomplete") from None
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"{path / WEIGHTS} is corrupt ({e}); use another checkpoint") from None
+
+
+def _base_state(path: Path, meta: dict, config: ModelConfig) -> dict[str, torch.Tensor]:
+    """The frozen weights of an adapter checkpoint: its base model's, grown to this vocabulary."""
+    base = Path(meta.get("base") or "")
+    if not is_checkpoint(base):
+        raise UserError(f"{path} holds LoRA adapters for the base model {base}, which is missing; restore "
+                        "it, or use a checkpoint merged with `gptforge merge-lora`")
+    base_model, _, _ = load_model(base, "cpu")
+    if base_model.config.vocab_size != config.vocab_size:
+        base_model.grow_vocab(config.vocab_size)  # as fine-tuning did: same rows, same init
+    state = base_model.state_dict()
+    if config.tie_embeddings:
+        state.pop("lm_head.weight", None)
+    return state
 
 
 def read_meta(path: Path) -> dict:

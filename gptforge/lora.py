@@ -120,7 +120,7 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
     (a classification model, say) works too; a head it adds stays frozen until the caller unfreezes it.
     """
     cfg.validate()
-    if any(isinstance(m, LoRALinear) for m in model.modules()):
+    if has_lora(model):
         raise ValueError("model already has LoRA adapters; merge_lora it first to stack another set")
     paths = _target_paths(cfg.targets)
     for p in model.parameters():
@@ -135,6 +135,10 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
     for parent, child, linear in swaps:
         setattr(parent, child, LoRALinear(linear, cfg.rank, cfg.alpha, cfg.dropout))
     return model
+
+
+def has_lora(model: nn.Module) -> bool:
+    return any(isinstance(m, LoRALinear) for m in model.modules())
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

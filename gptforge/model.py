@@ -161,6 +161,21 @@ class GPT(nn.Module):
         it skips the output head over the other positions (a large share of a long prompt's prefill).
         """
         B, T = idx.size()
+        x = self.hidden_states(idx, kv_cache)  # (B, T, C)
+        if targets is not None:
+            # Training/eval: the loss straight from the hidden states, never materialising (B, T, V) logits.
+            loss = linear_cross_entropy(x.reshape(B * T, -1), self.lm_head.weight, targets.reshape(-1),
+                                        self.config.vocab_size)
+            return None, loss
+        if last_only:
+            x = x[:, -1:]  # (B, 1, C)
+        # Padded vocabulary slots are dropped here, so they can never be sampled.
+        logits = self.lm_head(x)[..., : self.config.vocab_size]  # (B, T, vocab_size)
+        return logits, None
+
+    def hidden_states(self, idx: torch.Tensor, kv_cache: Optional[KVCache] = None) -> torch.Tensor:
+        """idx (B, T) -> final hidden states (B, T, C) after ln_f: what every head (LM, classifier) reads."""
+        B, T = idx.size()
         start = kv_cache.pos if kv_cache is not None else 0
         if start + T > self.config.block_size:
             raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.config.block_size}")
@@ -174,20 +189,31 @@ class GPT(nn.Module):
         for i, block in enumerate(self.transformer.h):
             cache = (kv_cache.k[i], kv_cache.v[i], start) if kv_cache is not None else None
             x = block(x, attn_mask, cache)
-        x = self.transformer.ln_f(x)
         if kv_cache is not None:
             kv_cache.pos += T
+        return self.transformer.ln_f(x)
 
-        if targets is not None:
-            # Training/eval: the loss straight from the hidden states, never materialising (B, T, V) logits.
-            loss = linear_cross_entropy(x.reshape(B * T, -1), self.lm_head.weight, targets.reshape(-1),
-                                        self.config.vocab_size)
-            return None, loss
-        if last_only:
-            x = x[:, -1:]  # (B, 1, C)
-        # Padded vocabulary slots are dropped here, so they can never be sampled.
-        logits = self.lm_head(x)[..., : self.config.vocab_size]  # (B, T, vocab_size)
-        return logits, None
+    def grow_vocab(self, vocab_size: int) -> None:
+        """Make room for new tokens (e.g. chat roles added to the tokenizer). New rows start at the mean of
+        the existing embeddings, a neutral point the model already reads sensibly (random rows would
+        start with arbitrary, often large logits); padding rows stay zero."""
+        old_vocab, C = self.config.vocab_size, self.config.n_embd
+        if vocab_size < old_vocab:
+            raise ValueError(f"cannot shrink the vocabulary from {old_vocab} to {vocab_size}")
+        self.config = type(self.config)(**{**vars(self.config), "vocab_size": vocab_size})
+        padded = self.config.padded_vocab_size
+
+        def grown(weight: torch.Tensor) -> nn.Parameter:
+            new = torch.zeros(padded, C, device=weight.device, dtype=weight.dtype)  # (V_padded, C)
+            new[:old_vocab] = weight.data[:old_vocab]
+            new[old_vocab:vocab_size] = weight.data[:old_vocab].mean(dim=0)
+            return nn.Parameter(new, requires_grad=weight.requires_grad)
+
+        tied = self.lm_head.weight is self.transformer.wte.weight
+        self.transformer.wte.weight = grown(self.transformer.wte.weight)
+        self.transformer.wte.num_embeddings = padded
+        self.lm_head.weight = self.transformer.wte.weight if tied else grown(self.lm_head.weight)
+        self.lm_head.out_features = padded
 
     @staticmethod
     def _cache_positions_and_mask(cache: KVCache, slots: torch.Tensor, start: int):
@@ -209,6 +235,29 @@ class GPT(nn.Module):
         itself = keys[None, :] == slots[:, None]  # (T, Tk)
         mask = (causal[None] & real) | itself[None]  # (B, T, Tk)
         return positions, mask[:, None]  # (B, 1, T, Tk), broadcast over heads
+
+
+class GPTClassifier(GPT):
+    """GPT-2 with a classification head reading the hidden state of each row's last real token.
+
+    Inputs are right-padded with -1: a causal model's last real token has seen the whole text and none of
+    the padding, so padding needs no attention mask. The LM head stays (tied, unused) so the weights keep
+    GPT-2's names and a classifier checkpoint is a GPT checkpoint plus `classifier.*`."""
+
+    def __init__(self, config: ModelConfig, n_classes: int):
+        super().__init__(config)
+        self.classifier = nn.Linear(config.n_embd, n_classes)
+        nn.init.normal_(self.classifier.weight, mean=0.0, std=0.02)
+        nn.init.zeros_(self.classifier.bias)
+
+    def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None, **_):
+        """idx (B, T) ids, -1 = padding -> (class logits (B, n_classes), loss or None); targets (B,)."""
+        real = idx >= 0  # (B, T)
+        last = real.sum(dim=1).clamp(min=1) - 1  # (B,) index of each row's last real token
+        h = self.hidden_states(idx.clamp(min=0))  # (B, T, C)
+        logits = self.classifier(h[torch.arange(idx.size(0), device=idx.device), last])  # (B, n_classes)
+        loss = F.cross_entropy(logits.float(), targets) if targets is not None else None
+        return logits, loss
 
 
 LOSS_CHUNK_ROWS = 1024  # rows of logits alive at once in linear_cross_entropy

@@ -198,3 +198,42 @@ def test_fused_loss_with_a_frozen_head_skips_its_gradient():
     F.cross_entropy((ref_x @ w.t())[:, :65], t).backward()
     torch.testing.assert_close(x.grad, ref_x.grad)
     assert w.grad is None
+
+
+def test_grow_vocab_keeps_old_rows_and_outputs():
+    from gptforge.model import GPT
+
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=16, vocab_size=60, vocab_multiple=64))
+    model.transformer.wte.weight.data[60:] = 0  # padding rows, as checkpoints keep them
+    idx = torch.randint(0, 60, (2, 8))
+    before, _ = model(idx)
+    old_rows = model.transformer.wte.weight[:60].detach().clone()
+    model.grow_vocab(62)  # still inside the padding: same matrix size
+    assert model.config.vocab_size == 62 and model.transformer.wte.weight.shape[0] == 64
+    model.grow_vocab(70)  # beyond it: a larger padded matrix
+    w = model.transformer.wte.weight
+    assert w.shape[0] == 128 and model.lm_head.weight is w
+    assert torch.equal(w[:60], old_rows)
+    torch.testing.assert_close(w[60:70], old_rows.mean(0).expand(10, -1))
+    assert not w[70:].any()
+    after, _ = model(idx)
+    torch.testing.assert_close(after[..., :60], before)  # old tokens' logits unchanged
+    assert after.shape[-1] == 70
+
+
+def test_classifier_reads_the_last_real_token_whatever_the_padding():
+    from gptforge.model import GPTClassifier
+
+    torch.manual_seed(0)
+    model = GPTClassifier(ModelConfig(n_layer=2, n_head=2, n_embd=16, block_size=16, vocab_size=50), 3).eval()
+    a, b = torch.randint(0, 50, (5,)), torch.randint(0, 50, (9,))
+    padded = torch.full((2, 9), -1)
+    padded[0, :5], padded[1] = a, b
+    logits, loss = model(padded, torch.tensor([0, 2]))
+    alone_a, _ = model(a[None])
+    alone_b, _ = model(b[None])
+    torch.testing.assert_close(logits, torch.cat([alone_a, alone_b]))
+    assert logits.shape == (2, 3) and loss.ndim == 0
+    loss.backward()
+    assert model.classifier.weight.grad is not None

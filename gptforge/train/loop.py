@@ -109,9 +109,11 @@ def train_loop(model: GPT, tokenizer: Tokenizer, train_batches: BatchSource,
                make_val_batches: Optional[Callable[[], Iterable[Batch]]], cfg: RunConfig, runtime: Runtime,
                run_dir: Path, resume_from: Optional[Path] = None,
                sample_fn: Optional[Callable[[GPT], str]] = None,
-               task_fn: Optional[Callable[[GPT], dict]] = None) -> LoopResult:
+               task_fn: Optional[Callable[[GPT], dict]] = None,
+               checkpoint_meta: Optional[dict] = None) -> LoopResult:
     """The one training loop (pretraining and every fine-tuning mode). sample_fn writes a periodic text
-    sample, task_fn runs benchmarks (name/metric -> value); both get the plain, uncompiled model."""
+    sample, task_fn runs benchmarks or task metrics (name/metric -> value); both get the plain,
+    uncompiled model. checkpoint_meta goes into every checkpoint's meta.json (classifier labels, LoRA)."""
     tc = cfg.train
     run_dir = Path(run_dir)
     raw_model = model  # what is saved: never the DDP wrapper or the compiled module
@@ -153,7 +155,7 @@ def train_loop(model: GPT, tokenizer: Tokenizer, train_batches: BatchSource,
         if runtime.is_main:
             latest = run_dir / CHECKPOINTS / "latest"
             save_checkpoint(latest, raw_model, tokenizer, step=step, val_loss=last_val,
-                            trainer_state=trainer_state(), optimizer=optimizer)
+                            trainer_state=trainer_state(), optimizer=optimizer, extra_meta=checkpoint_meta)
             if tc.keep_checkpoints:
                 kept = run_dir / CHECKPOINTS / f"step_{step:07d}"
                 shutil.rmtree(kept, ignore_errors=True)
@@ -227,7 +229,7 @@ def train_loop(model: GPT, tokenizer: Tokenizer, train_batches: BatchSource,
                     best_val = last_val
                     if runtime.is_main:
                         save_checkpoint(run_dir / CHECKPOINTS / "best", raw_model, tokenizer, step=step,
-                                        val_loss=last_val)
+                                        val_loss=last_val, extra_meta=checkpoint_meta)
                 if runtime.is_main:
                     metrics.write({"step": step, "val_loss": round(last_val, 5),
                                    "elapsed_s": round(elapsed_before + time.time() - t_start, 2),

@@ -13,7 +13,7 @@ from typing import Optional
 from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
 
 from gptforge.common import UserError
-from gptforge.config import DataConfig, ModelConfig, RunConfig, SampleConfig, TrainConfig
+from gptforge.config import DataConfig, FinetuneConfig, ModelConfig, RunConfig, SampleConfig, TrainConfig
 
 set_parsing_settings(docstring_parse_attribute_docstrings=True)
 
@@ -61,12 +61,35 @@ def build_parser() -> ArgumentParser:
     quick.add_argument("--device", type=str, default="auto", help="cpu, cuda, mps or auto.")
     sub.add_subcommand("quickstart", quick, help="Prepare Shakespeare, train a small model, print samples.")
 
+    # --- fine-tuning (gptforge/train/finetune.py, modes.py) -----------------------------------------
+    ft = ArgumentParser(description="Fine-tune a checkpoint: text (domain text), classify (a classification "
+                                    "head), instruct (Alpaca-style SFT) or chat (multi-turn SFT); any of them "
+                                    "with LoRA. Running it again on the same run directory resumes.")
+    ft.add_argument("--config", action=ActionConfigFile, help="YAML file with finetune/train/sample sections.")
+    ft.add_argument("mode", type=str, help="text, classify, instruct or chat.")
+    ft.add_argument("--from", dest="base", type=str, required=True,
+                    help="Base checkpoint or run directory (e.g. one made by train or import-gpt2).")
+    ft.add_class_arguments(FinetuneConfig, "finetune")
+    ft.add_class_arguments(TrainConfig, "train")
+    ft.add_class_arguments(SampleConfig, "sample")
+    sub.add_subcommand("finetune", ft, help="Fine-tune: text, classify, instruct, chat; LoRA for any.")
+
+    mrg = ArgumentParser(description="Fold a LoRA checkpoint's adapters into full weights (a plain checkpoint).")
+    mrg.add_argument("checkpoint", type=str, help="LoRA checkpoint or run directory (uses best, else latest).")
+    mrg.add_argument("--out", type=str, required=True, help="Checkpoint directory to write.")
+    sub.add_subcommand("merge-lora", mrg, help="Merge LoRA adapters into the base weights.")
+
     # --- interop (gptforge/interop/) -------------------------------------------------------------
     imp = ArgumentParser(description="Import GPT-2 weights (Hugging Face model id or folder, or OpenAI's "
                                      "original TensorFlow checkpoint folder) as a gptforge checkpoint.")
     imp.add_argument("source", type=str, help="gpt2, gpt2-medium, gpt2-large, gpt2-xl, openai-community/..., "
                                               "a Hugging Face model folder, or an OpenAI checkpoint folder.")
     imp.add_argument("--out", type=str, required=True, help="Checkpoint directory to write.")
+    imp.add_argument("--tokenizer", type=Optional[str], default=None,
+                     help="gpt2, byte, or a gptforge tokenizer/checkpoint folder. Default: the tokenizer the "
+                          "source carries, else GPT-2's when the model has 50257 tokens.")
+    imp.add_argument("--revision", type=Optional[str], default=None,
+                     help="Branch, tag or commit of a Hugging Face model id (default: main).")
     sub.add_subcommand("import-gpt2", imp, help="Import OpenAI / Hugging Face GPT-2 weights.")
 
     exp = ArgumentParser(description="Export a checkpoint as a Hugging Face transformers model folder.")
@@ -78,11 +101,38 @@ def build_parser() -> ArgumentParser:
     ev = ArgumentParser(description="Evaluate a checkpoint: loss/perplexity on text or prepared shards, or a "
                                     "multiple-choice benchmark.")
     ev.add_argument("checkpoint", type=str, help="Checkpoint directory, or a run directory (uses best, else latest).")
+    ev.add_argument("--task", type=str, default="hellaswag",
+                    help="loss, perplexity, hellaswag, piqa; several comma-separated (e.g. loss,hellaswag).")
+    ev.add_argument("--data", type=Optional[str], default=None,
+                    help="loss/perplexity: a UTF-8 text file or a prepared data folder. Benchmarks: a local "
+                         "file in the original schema (.jsonl, .arrow or a datasets folder); default: the "
+                         "official validation file, downloaded once into the cache. With several tasks: "
+                         "task=PATH pairs, comma-separated (loss=val.txt,hellaswag=hs.jsonl).")
+    ev.add_argument("--split", type=str, default="val", help="Split of a prepared data folder: val or train.")
+    ev.add_argument("--stride", type=Optional[int], default=None,
+                    help="loss/perplexity: new tokens scored per window. Default: the context length "
+                         "(non-overlapping windows); smaller gives each token more context, at more cost.")
+    ev.add_argument("--limit", type=Optional[int], default=None,
+                    help="Evaluate only the first N examples (benchmarks) or tokens (loss), for quick runs.")
+    ev.add_argument("--batch_size", type=int, default=16,
+                    help="Rows per forward pass: choices (benchmarks) or windows (loss).")
+    ev.add_argument("--prompt_format", type=str, default="harness",
+                    help="harness (lm-evaluation-harness prompts; published numbers use these) or plain "
+                         "(raw text, as build-nanogpt/llm.c).")
+    ev.add_argument("--predictions", type=Optional[str], default=None,
+                    help="Write per-example predictions of a benchmark to this JSONL file.")
+    ev.add_argument("--device", type=str, default="auto", help="cpu, cuda, mps or auto.")
+    ev.add_argument("--dtype", type=str, default="auto",
+                    help="Autocast dtype: auto (bfloat16 on capable GPUs, else float32), float32, bfloat16, float16.")
+    ev.add_argument("--json", type=Optional[str], default=None, help="Also write the results to this JSON file.")
     sub.add_subcommand("eval", ev, help="Perplexity, bits per byte, HellaSwag and other benchmarks.")
 
     # --- serving (gptforge/serve/) -----------------------------------------------------------------
+    from gptforge.serve import ServeConfig  # a plain dataclass: fastapi and torch load in cmd_serve only
+
     srv = ArgumentParser(description="Serve a checkpoint over an OpenAI-compatible HTTP API, with a web app at /.")
     srv.add_argument("checkpoint", type=str, help="Checkpoint directory, or a run directory (uses best, else latest).")
+    srv.add_class_arguments(ServeConfig, as_group=True)
     sub.add_subcommand("serve", srv, help="OpenAI-compatible API server and web app.")
     return parser
 
@@ -151,10 +201,39 @@ def cmd_quickstart(ns) -> None:
     quickstart(run_dir=Path(ns.run_dir), minutes=ns.minutes, device=ns.device)
 
 
+def cmd_finetune(ns) -> None:
+    from gptforge.train.finetune import run_finetune
+
+    result = run_finetune(ns.mode, ns.base, FinetuneConfig(**vars(ns.finetune)), TrainConfig(**vars(ns.train)),
+                          SampleConfig(**vars(ns.sample)))
+    loop = result.loop
+    val = f", best val loss {loop.best_val_loss:.4f}" if loop.best_val_loss is not None else ""
+    print(f"done: step {loop.step}, train loss {loop.train_loss:.4f}{val}, {loop.elapsed_s:.1f}s; "
+          f"{result.trainable:,} of {result.total:,} parameters trained; run directory {result.run_dir}")
+    for split in ("train", "val", "test"):
+        if isinstance(result.report.get(split), dict):
+            stats = result.report[split]
+            print(f"{split:>5}: accuracy {stats['acc']:.4f}, loss {stats['loss']:.4f} ({stats['n']} examples)")
+    if "confusion" in (result.report.get("test") or {}):
+        labels = result.report["labels"]
+        print("test confusion matrix (rows: true, columns: predicted): " + ", ".join(labels))
+        for name, row in zip(labels, result.report["test"]["confusion"]):
+            print(f"  {name:>12} " + " ".join(f"{n:>6}" for n in row))
+    if "test_responses" in result.report:
+        print(f"test-set responses: {result.report['test_responses']}")
+
+
+def cmd_merge_lora(ns) -> None:
+    from gptforge.train.finetune import merge_lora_checkpoint
+
+    out = merge_lora_checkpoint(Path(ns.checkpoint), Path(ns.out))
+    print(f"merged {ns.checkpoint} -> {out}")
+
+
 def cmd_import_gpt2(ns) -> None:
     from gptforge.interop import import_gpt2
 
-    out = import_gpt2(ns.source, Path(ns.out))
+    out = import_gpt2(ns.source, Path(ns.out), tokenizer=ns.tokenizer, revision=ns.revision)
     print(f"imported {ns.source} -> {out}")
 
 
@@ -166,14 +245,31 @@ def cmd_export_hf(ns) -> None:
 
 
 def cmd_eval(ns) -> None:
-    raise UserError("eval is not wired yet")
+    import json
+
+    from gptforge.common import atomic_write_text
+    from gptforge.eval.run import evaluate_checkpoint, format_results, jsonable
+
+    report = evaluate_checkpoint(
+        ns.checkpoint, ns.task, device=ns.device, dtype=ns.dtype, predictions=ns.predictions, data=ns.data,
+        split=ns.split, stride=ns.stride, limit=ns.limit, batch_size=ns.batch_size,
+        prompt_format=ns.prompt_format, progress=True)
+    print(format_results(report))
+    if ns.json:
+        atomic_write_text(Path(ns.json), json.dumps(jsonable(report), indent=2) + "\n")
 
 
 def cmd_serve(ns) -> None:
-    raise UserError("serve is not wired yet")
+    import dataclasses
+
+    from gptforge.serve import ServeConfig
+    from gptforge.serve.app import serve
+
+    serve(ns.checkpoint, ServeConfig(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(ServeConfig)}))
 
 
 COMMANDS = {"prepare": cmd_prepare, "train": cmd_train, "generate": cmd_generate, "quickstart": cmd_quickstart,
+            "finetune": cmd_finetune, "merge-lora": cmd_merge_lora,
             "import-gpt2": cmd_import_gpt2, "export-hf": cmd_export_hf, "eval": cmd_eval, "serve": cmd_serve}
 
 

@@ -18,54 +18,47 @@ import torch
 
 from gptforge.common import UserError
 from gptforge.config import SampleConfig
-from gptforge.engine import Engine, SamplingParams
+from gptforge.engine import Engine, SamplingParams, StepOutput
 from gptforge.tokenizer import Tokenizer
 
+Prompt = Union[str, Sequence[int]]  # text, or ids already rendered by the tokenizer
 
-def generate_text(model: Union[torch.nn.Module, Engine], tokenizer: Tokenizer, prompts: Sequence[str],
+
+def generate_text(model: Union[torch.nn.Module, Engine], tokenizer: Tokenizer, prompts: Sequence[Prompt],
                   sample: SampleConfig, device=None, truncate: Optional[str] = None,
-                  dtype: torch.dtype = torch.float32) -> list[str]:
-    """Completions, num_samples per prompt (prompt-major order), each cut before its first stop string."""
-    engine, rows, params, texts = _setup(model, tokenizer, prompts, sample, device, dtype)
-    stop_check = (lambda b, ids: texts[b].feed(ids)) if sample.stop else None
-    outputs = engine.generate(rows, params, stop_check=stop_check, truncate=truncate)
+                  dtype: torch.dtype = torch.float32, stop_ids: Sequence[int] = ()) -> list[str]:
+    """Completions, num_samples per prompt (prompt-major order), each cut before its first stop string.
+    A prompt is text, or token ids already rendered by the tokenizer (a chat or instruction format);
+    stop_ids end a row besides end-of-text (e.g. the chat end-of-turn token)."""
+    engine, rows, params, texts = _setup(model, tokenizer, prompts, sample, device, dtype, stop_ids)
+    outputs = engine.generate(rows, params, stop_check=texts.stop_check, truncate=truncate)
     # Decoded in one go, independently of the incremental decoding that streaming uses.
     return [cut_at_stop(tokenizer.decode(ids), sample.stop) for ids in outputs]
 
 
-def stream_text(model: Union[torch.nn.Module, Engine], tokenizer: Tokenizer, prompts: Sequence[str],
+def stream_text(model: Union[torch.nn.Module, Engine], tokenizer: Tokenizer, prompts: Sequence[Prompt],
                 sample: SampleConfig, device=None, truncate: Optional[str] = None,
-                dtype: torch.dtype = torch.float32) -> Iterator[tuple[int, str]]:
+                dtype: torch.dtype = torch.float32, stop_ids: Sequence[int] = ()) -> Iterator[tuple[int, str]]:
     """(row index, text delta) as text becomes safe to show; the deltas of a row concatenate to what
     `generate_text` returns for it. Row i*num_samples + j is sample j of prompt i."""
-    engine, rows, params, texts = _setup(model, tokenizer, prompts, sample, device, dtype)
-    stop_check = (lambda b, ids: texts[b].feed(ids)) if sample.stop else None
-    steps = engine.stream(rows, params, stop_check=stop_check, truncate=truncate)  # raises bad input now
+    engine, rows, params, texts = _setup(model, tokenizer, prompts, sample, device, dtype, stop_ids)
+    steps = engine.stream(rows, params, stop_check=texts.stop_check, truncate=truncate)  # raises bad input now
     return _stream_deltas(steps, texts)
 
 
-def _stream_deltas(steps, texts: list["RowText"]) -> Iterator[tuple[int, str]]:
-    generated: list[list[int]] = [[] for _ in texts]
+def _stream_deltas(steps, texts: "TextRows") -> Iterator[tuple[int, str]]:
     for step in steps:
-        for b, (tok, why) in enumerate(zip(step.tokens, step.finished)):
-            row = texts[b]
-            if tok is not None:
-                generated[b].append(tok)
-                row.feed(generated[b])  # a no-op when stop_check has already fed this token
-            if why is not None and not row.closed:
-                row.close()
-            delta = row.take()
-            if delta:
-                yield b, delta
-    for b, row in enumerate(texts):  # rows the engine never finished (max_new_tokens == 0, or cut short)
-        if not row.closed:
-            row.close()
-            delta = row.take()
-            if delta:
-                yield b, delta
+        yield from texts.update(step)
+    yield from texts.close()  # rows the engine never finished (max_new_tokens == 0, or cut short)
 
 
-def _setup(model, tokenizer: Tokenizer, prompts: Sequence[str], sample: SampleConfig, device, dtype):
+def encode_prompts(tokenizer: Tokenizer, prompts: Sequence[Prompt]) -> list[list[int]]:
+    """Token ids of each prompt (text is encoded, ids kept); an empty prompt starts from end-of-text."""
+    return [(tokenizer.encode(p) if isinstance(p, str) else list(p)) or [tokenizer.eot_id] for p in prompts]
+
+
+def _setup(model, tokenizer: Tokenizer, prompts: Sequence[Prompt], sample: SampleConfig, device, dtype,
+           stop_ids: Sequence[int] = ()):
     engine = model if isinstance(model, Engine) else Engine(model, device=device, dtype=dtype)
     if engine.config.vocab_size != tokenizer.vocab_size:
         raise UserError(f"model vocab {engine.config.vocab_size} != tokenizer vocab {tokenizer.vocab_size}; "
@@ -76,17 +69,53 @@ def _setup(model, tokenizer: Tokenizer, prompts: Sequence[str], sample: SampleCo
         raise UserError(f"num_samples must be >= 1, got {sample.num_samples}")
     if any(not s for s in sample.stop):
         raise UserError("stop strings must not be empty")
-    encoded = [tokenizer.encode(p) or [tokenizer.eot_id] for p in prompts]
-    rows = [list(ids) for ids in encoded for _ in range(sample.num_samples)]
-    params = SamplingParams.from_config(sample, stop_token_ids={tokenizer.eot_id})
-    texts = [RowText(tokenizer, sample.stop) for _ in rows]
-    return engine, rows, params, texts
+    rows = [list(ids) for ids in encode_prompts(tokenizer, prompts) for _ in range(sample.num_samples)]
+    params = SamplingParams.from_config(sample, stop_token_ids={tokenizer.eot_id, *stop_ids})
+    return engine, rows, params, TextRows(tokenizer, len(rows), sample.stop)
 
 
 def cut_at_stop(text: str, stops: Sequence[str]) -> str:
     """Text before the earliest occurrence of any stop string (all of it if none occurs)."""
     cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=len(text))
     return text[:cut]
+
+
+class TextRows:
+    """The text of every row of one engine call: `stop_check` ends a row at a stop string, `update` turns
+    each StepOutput into the (row, text delta) pairs that are safe to show."""
+
+    def __init__(self, tokenizer: Tokenizer, n_rows: int, stops: Sequence[str] = ()):
+        self.rows = [RowText(tokenizer, stops) for _ in range(n_rows)]
+        self.generated: list[list[int]] = [[] for _ in range(n_rows)]
+        self.stop_check = self._stop_check if any(stops) else None  # None: the engine skips the call
+
+    def _stop_check(self, b: int, ids: list[int]) -> bool:
+        return self.rows[b].feed(ids)
+
+    def update(self, step: StepOutput) -> list[tuple[int, str]]:
+        deltas = []
+        for b, (tok, why) in enumerate(zip(step.tokens, step.finished)):
+            row = self.rows[b]
+            if tok is not None:
+                self.generated[b].append(tok)
+                row.feed(self.generated[b])  # a no-op when stop_check has already fed this token
+            if why is not None and not row.closed:
+                row.close()
+            delta = row.take()
+            if delta:
+                deltas.append((b, delta))
+        return deltas
+
+    def close(self) -> list[tuple[int, str]]:
+        """End every row still open; returns their last deltas."""
+        deltas = []
+        for b, row in enumerate(self.rows):
+            if not row.closed:
+                row.close()
+                delta = row.take()
+                if delta:
+                    deltas.append((b, delta))
+        return deltas
 
 
 class RowText:

@@ -1,0 +1,50 @@
+"""`gptforge serve`: an OpenAI-compatible HTTP API (and the web app in static/) over one engine.
+
+    app.py      FastAPI app factory and routes: auth, limits, request -> engine job -> JSON or SSE
+    schemas.py  request validation and the OpenAI JSON shapes (responses, chunks, errors)
+    worker.py   the engine's thread: a queue of jobs, continuous batching, cancellation
+
+A leaf: only the CLI imports it. This module imports nothing heavy (no fastapi, no torch), so the CLI
+can build its options from ServeConfig at start-up.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+
+@dataclass
+class ServeConfig:
+    """Options of `gptforge serve`."""
+
+    host: str = "127.0.0.1"
+    """Interface to listen on: 127.0.0.1 serves this machine only, 0.0.0.0 every interface."""
+    port: int = 8000
+    """TCP port."""
+    api_key: Optional[str] = None
+    """Require `Authorization: Bearer KEY` on the /v1 routes. Default: the GPTFORGE_API_KEY environment
+    variable if set, else no key."""
+    model_name: Optional[str] = None
+    """Model id reported by /v1/models and in responses. Default: the checkpoint's (or run's) folder name.
+    Requests may name any model: this server has one."""
+    device: str = "auto"
+    """cpu, cuda, mps or auto."""
+    dtype: str = "auto"
+    """Autocast dtype: auto (bfloat16 on capable GPUs, else float32), float32, bfloat16, float16."""
+    threads: Optional[int] = None
+    """CPU threads for the model's math (default: torch's choice, one per core). Small models on a
+    shared machine often run faster with 1."""
+    max_batch_size: int = 32
+    """Rows decoded together (each choice of each request is a row); further requests wait in the queue."""
+    max_concurrent: int = 64
+    """Requests running or queued at once; more are answered 429 at once."""
+    max_tokens: Optional[int] = None
+    """Largest max_tokens a request may ask for. Default: the model's context window."""
+    max_body_bytes: int = 1_048_576
+    """Largest request body accepted; larger ones are answered 413."""
+    request_timeout: float = 600.0
+    """Seconds a request may take, queueing included; then its generation stops and it gets a 504 (or,
+    streaming, an error event)."""
+    log_level: str = "info"
+    """uvicorn's log level: critical, error, warning, info, debug."""

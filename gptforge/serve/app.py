@@ -1,0 +1,435 @@
+"""The HTTP side: FastAPI routes speaking OpenAI's API over one GenerationWorker, plus the web app.
+
+    GET  /                       the web app (static/index.html), /static/... its files
+    GET  /health                 liveness, with queue figures (no API key needed)
+    GET  /v1/models              the one model
+    GET  /v1/gptforge/info       what the web app shows: size, context, tokenizer, device, chat or not
+    POST /v1/completions         text completion (prompt: string, strings, token ids)
+    POST /v1/chat/completions    chat, through the tokenizer's chat template
+Both POST routes stream with `stream: true` (server-sent events ending with `data: [DONE]`).
+
+Every error, expected or not, is OpenAI's JSON ({"error": {...}}) with a 4xx/5xx status; a request the
+server cannot take now (max_concurrent) is a 429 at once. A client that goes away (stream closed, or a
+non-streaming request abandoned) cancels its generation before the engine's next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hmac
+import json
+import logging
+import os
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, AsyncIterator, Optional
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from gptforge.common import UserError
+from gptforge.engine import SamplingParams
+from gptforge.serve import ServeConfig
+from gptforge.serve.schemas import (APIError, ChatReply, ChatRequest, CompletionReply, CompletionRequest, Plan,
+                                    Reply, TokenText, error_body, message_list, new_id, parse_request,
+                                    prompt_list, stop_strings)
+from gptforge.serve.worker import Done, Failed, GenerationWorker, Job, RowUpdate
+from gptforge.textgen import encode_prompts
+
+STATIC = Path(__file__).resolve().parent / "static"
+log = logging.getLogger("gptforge.serve")
+
+
+@dataclass
+class ServerInfo:
+    """What the server knows about its model, for /v1/models and /v1/gptforge/info."""
+
+    model: str
+    checkpoint: str
+    parameters: int
+    context_length: int
+    vocab_size: int
+    tokenizer: str
+    device: str
+    dtype: str
+    chat: bool
+
+
+def create_app(worker: GenerationWorker, info: ServerInfo, config: ServeConfig) -> FastAPI:
+    api_key = config.api_key or os.environ.get("GPTFORGE_API_KEY") or None
+    tokenizer = worker.tokenizer
+    names = TokenText(tokenizer)
+    slots = _Slots(config.max_concurrent)
+    max_tokens_limit = min(config.max_tokens or info.context_length, info.context_length)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        worker.start()
+        yield
+        worker.stop()
+
+    app = FastAPI(title="gptforge", version="1", lifespan=lifespan, docs_url=None, redoc_url=None)
+    _add_error_handlers(app)
+
+    # --- pages and metadata ---------------------------------------------------------------------------
+    @app.get("/", include_in_schema=False)
+    async def index():
+        page = STATIC / "index.html"
+        if page.is_file():
+            return FileResponse(page)
+        return HTMLResponse(f"<!doctype html><title>gptforge</title><h1>gptforge: {info.model}</h1>"
+                            "<p>The web app is not installed; the API is at <code>/v1</code>.</p>")
+
+    app.mount("/static", StaticFiles(directory=STATIC, check_dir=False), name="static")
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": info.model, "running": worker.running, "queued": worker.queued,
+                "requests": slots.in_use}
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        _authorize(request, api_key)
+        return {"object": "list", "data": [{"id": info.model, "object": "model", "created": 0,
+                                            "owned_by": "gptforge"}]}
+
+    @app.get("/v1/gptforge/info")
+    async def server_info(request: Request):
+        _authorize(request, api_key)
+        limits = {"max_tokens": max_tokens_limit, "max_batch_size": config.max_batch_size,
+                  "max_concurrent": config.max_concurrent}
+        return {**dataclasses.asdict(info), "limits": limits}
+
+    # --- generation -----------------------------------------------------------------------------------
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        _authorize(request, api_key)
+        req = parse_request(CompletionRequest, await _read_json(request, config.max_body_bytes))
+        prompts = prompt_list(req.prompt)
+        ids = _encode(lambda: [encode_prompts(tokenizer, [p])[0] if isinstance(p, str) else p for p in prompts],
+                      "prompt")
+        # legacy logprobs count text_offset from the start of the prompt's text
+        chars = _encode(lambda: [len(p) if isinstance(p, str) else len(tokenizer.decode(p)) for p in prompts],
+                        "prompt") if req.logprobs is not None else [0] * len(prompts)
+        plan = _plan(req, ids, chars, req.max_tokens or 16, {tokenizer.eot_id}, req.logprobs, "prompt")
+        reply = CompletionReply(new_id("cmpl"), info.model, names, plan)
+        return await _respond(request, req, plan, reply)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        _authorize(request, api_key)
+        req = parse_request(ChatRequest, await _read_json(request, config.max_body_bytes))
+        if not info.chat:
+            raise APIError(400, "this checkpoint has no chat template; fine-tune it with `gptforge finetune "
+                                "chat` or use /v1/completions", "messages", "no_chat_template")
+        messages = message_list(req.messages)
+        ids = _encode(lambda: [tokenizer.encode_chat(messages, add_generation_prompt=True)[0]], "messages")
+        asked = req.max_completion_tokens or req.max_tokens
+        room = max(1, min(max_tokens_limit, info.context_length - len(ids[0])))  # default: what fits
+        n_top = (req.top_logprobs or 0) if req.logprobs else None
+        plan = _plan(req, ids, [0], asked or room, set(tokenizer.chat_stop_ids), n_top, "messages")
+        reply = ChatReply(new_id("chatcmpl"), info.model, names, plan)
+        return await _respond(request, req, plan, reply)
+
+    def _plan(req, prompts: list[list[int]], chars: list[int], max_tokens: int, stop_ids: set[int],
+              n_top: Optional[int], prompt_param: str) -> Plan:
+        """Check limits and context; build the rows and sampling params (a 400 for anything wrong)."""
+        param = "max_completion_tokens" if getattr(req, "max_completion_tokens", None) else "max_tokens"
+        if max_tokens > max_tokens_limit:
+            raise APIError(400, f"Invalid value for '{param}': {max_tokens} is more than this server allows "
+                                f"({max_tokens_limit})", param)
+        n = req.n or 1
+        if n * len(prompts) > config.max_batch_size:
+            raise APIError(400, f"Invalid value for 'n': {n} choices for {len(prompts)} prompt(s) is more than "
+                                f"the server's max_batch_size of {config.max_batch_size}", "n")
+        for p in prompts:
+            if len(p) + max_tokens > info.context_length:
+                raise APIError(400, f"This model's maximum context length is {info.context_length} tokens. "
+                                    f"However, you requested {len(p) + max_tokens} tokens ({len(p)} in the "
+                                    f"prompt, {max_tokens} for the completion). Please reduce the length of "
+                                    f"the prompt or the completion.", prompt_param, "context_length_exceeded")
+            bad = next((t for t in p if not 0 <= t < info.vocab_size), None)
+            if bad is not None:
+                raise APIError(400, f"Invalid value for 'prompt': token id {bad} is outside the vocabulary "
+                                    f"(0..{info.vocab_size - 1})", prompt_param)
+        try:
+            params = SamplingParams(
+                max_new_tokens=max_tokens, temperature=1.0 if req.temperature is None else req.temperature,
+                top_k=req.top_k if req.top_k and req.top_k > 0 else None,
+                top_p=None if req.top_p in (None, 1) else req.top_p,
+                repetition_penalty=req.repetition_penalty or 1.0,
+                presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
+                stop_token_ids=frozenset(stop_ids), seed=req.seed)
+        except UserError as e:
+            raise APIError(400, str(e)) from None
+        rows = [list(p) for p in prompts for _ in range(n)]
+        return Plan(rows, params, stop_strings(req.stop), n_top, sum(map(len, prompts)),
+                    [c for c in chars for _ in range(n)])
+
+    async def _respond(request: Request, req, plan: Plan, reply: "Reply"):
+        """Run the plan as a job: a JSON response, or an event stream once the first tokens are there (so
+        an error before them still gets its proper status)."""
+        slot = slots.take()
+        job = Job(plan.rows, plan.params, plan.stops, plan.logprobs)
+        worker.submit(job)
+        deadline, timeout = asyncio.get_running_loop().time() + config.request_timeout, config.request_timeout
+        streaming = False
+        try:
+            async with _DisconnectWatch(request) as watch:
+                event = await _next_event(job, deadline, timeout, watch)
+                if not req.stream:
+                    while event is not None:
+                        reply.add(event)
+                        event = await _next_event(job, deadline, timeout, watch)
+                    return JSONResponse(reply.response())
+            streaming = True
+            return _SSEResponse(_sse(job, reply, event, deadline, timeout, req.include_usage),
+                                on_close=lambda: (worker.cancel(job), slot.release()))
+        finally:
+            if not streaming:
+                worker.cancel(job)  # a no-op for a finished job
+                slot.release()
+
+    return app
+
+
+# --- streaming -------------------------------------------------------------------------------------------
+async def _sse(job: Job, reply: "Reply", first, deadline: float, timeout: float,
+               include_usage: bool) -> AsyncIterator[str]:
+    event = first
+    for chunk in reply.opening_chunks():
+        yield _data(chunk, include_usage)
+    try:
+        while event is not None:
+            for chunk in reply.chunks(event):
+                yield _data(chunk, include_usage)
+            event = await _next_event(job, deadline, timeout)
+    except APIError as e:  # headers are sent: OpenAI reports mid-stream errors as an error event
+        yield _data(e.body(), False)
+        return
+    if include_usage:
+        yield _data(reply.usage_chunk(), False)
+    yield "data: [DONE]\n\n"
+
+
+def _data(chunk: dict, include_usage: bool) -> str:
+    if include_usage:
+        chunk["usage"] = None  # as OpenAI: every chunk but the last has usage null
+    return f"data: {json.dumps(chunk, separators=(',', ':'))}\n\n"
+
+
+class _SSEResponse(StreamingResponse):
+    """Server-sent events; `on_close` runs however the response ends (finished, client gone, error)."""
+
+    def __init__(self, content, on_close):
+        super().__init__(content, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.on_close = on_close
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.on_close()
+
+
+async def _next_event(job: Job, deadline: float, timeout: float,
+                      watch: Optional["_DisconnectWatch"] = None) -> Optional[list[RowUpdate]]:
+    """The job's next updates; None once it is done. Raises APIError for a failed or timed-out job, or for
+    a client that has gone away (with `watch`; the answer goes nowhere, but ends the handler quietly)."""
+    remaining = deadline - asyncio.get_running_loop().time()
+    if remaining > 0 and not job.events.empty():  # the common case while tokens flow: no task, no timer
+        return _unpack(job.events.get_nowait())
+    getter = asyncio.ensure_future(job.events.get())
+    waits = {getter} | ({watch.task} if watch else set())
+    done, _ = await asyncio.wait(waits, timeout=max(0.0, remaining), return_when=asyncio.FIRST_COMPLETED)
+    if getter not in done:
+        getter.cancel()
+        if watch and watch.task in done:
+            raise APIError(499, "the client closed the connection", None, "client_closed_request")
+        raise APIError(504, f"the request did not finish within the server's timeout of {timeout:g} s; ask "
+                            "for fewer tokens or retry later", None, "timeout")
+    return _unpack(getter.result())
+
+
+def _unpack(event) -> Optional[list[RowUpdate]]:
+    if isinstance(event, Done):
+        return None
+    if isinstance(event, Failed):
+        raise APIError(event.status, event.message, None, event.code)
+    return event
+
+
+class _DisconnectWatch:
+    """Notices a client that goes away while the handler is still waiting (before any response)."""
+
+    def __init__(self, request: Request):
+        self.request = request
+        self.task: Optional[asyncio.Future] = None
+
+    async def __aenter__(self):
+        self.task = asyncio.ensure_future(self._wait())
+        return self
+
+    async def __aexit__(self, *exc):
+        self.task.cancel()  # StreamingResponse listens for the disconnect itself from here on
+        try:
+            await self.task
+        except asyncio.CancelledError:
+            pass
+
+    async def _wait(self) -> None:
+        while (await self.request.receive())["type"] != "http.disconnect":
+            pass
+
+
+class _Slots:
+    """Requests in flight (queued or running), capped at max_concurrent: more get a 429 at once."""
+
+    def __init__(self, limit: int):
+        self.limit, self.in_use = limit, 0
+
+    def take(self) -> "_Slot":
+        if self.in_use >= self.limit:
+            raise APIError(429, f"the server is busy ({self.limit} requests in flight); retry shortly", None,
+                           "rate_limit_exceeded")
+        self.in_use += 1
+        return _Slot(self)
+
+
+class _Slot:
+    def __init__(self, slots: _Slots):
+        self.slots, self.held = slots, True
+
+    def release(self) -> None:
+        if self.held:  # idempotent: both the stream's end and its on_close may call it
+            self.held = False
+            self.slots.in_use -= 1
+
+
+# --- request plumbing --------------------------------------------------------------------------------------
+def _authorize(request: Request, api_key: Optional[str]) -> None:
+    if api_key is None:
+        return
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+        raise APIError(401, "Incorrect or missing API key: send it as 'Authorization: Bearer KEY'", None,
+                       "invalid_api_key")
+
+
+async def _read_json(request: Request, limit: int) -> Any:
+    """The body as JSON, refusing bodies over `limit` bytes (413) before reading them whole."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise APIError(413, f"the request body is {int(declared)} bytes; this server accepts at most {limit}",
+                       None, "request_too_large")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise APIError(413, f"the request body is over {limit} bytes, the most this server accepts", None,
+                           "request_too_large")
+    if not body:
+        raise APIError(400, "the request body is empty; send a JSON object")
+    try:
+        text = bytes(body).decode("utf-8")
+    except UnicodeDecodeError:
+        raise APIError(400, "the request body is not valid UTF-8") from None
+    try:
+        return json.loads(text, parse_constant=_no_constants)
+    except ValueError as e:
+        raise APIError(400, f"the request body is not valid JSON: {e}") from None
+
+
+def _no_constants(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _encode(encode, param: str) -> list[list[int]]:
+    """Run a tokenizer call, turning its complaints (unknown characters, bad roles) into a 400."""
+    try:
+        return encode()
+    except UserError as e:
+        raise APIError(400, f"Invalid value for '{param}': {e}", param) from None
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def api_error(_request, exc: APIError):
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request, exc: StarletteHTTPException):
+        message = {404: "Unknown URL; the API is under /v1 (see /v1/models)",
+                   405: "Method not allowed on this URL"}.get(exc.status_code, str(exc.detail))
+        code = {404: "unknown_url", 405: "method_not_allowed"}.get(exc.status_code)
+        return JSONResponse(error_body(exc.status_code, message, None, code), status_code=exc.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_request, exc: RequestValidationError):
+        return JSONResponse(error_body(400, f"invalid request: {exc.errors()[:1]}"), status_code=400)
+
+    @app.exception_handler(Exception)
+    async def unexpected(_request, exc: Exception):
+        log.exception("unexpected error", exc_info=exc)
+        return JSONResponse(error_body(500, f"internal server error: {type(exc).__name__}", None,
+                                       "internal_error"), status_code=500)
+
+
+# --- running it ------------------------------------------------------------------------------------------
+def serve(checkpoint: str, config: ServeConfig) -> None:
+    """Load a checkpoint (or a run's best/latest) and serve it until interrupted."""
+    import torch
+    import uvicorn
+
+    from gptforge.checkpoint import load_model, resolve_checkpoint
+    from gptforge.common import human_count, pick_device, pick_dtype
+    from gptforge.engine import Engine
+    from gptforge.model import count_parameters
+
+    check_config(config)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    path = resolve_checkpoint(Path(checkpoint))
+    device = pick_device(config.device)
+    dtype = pick_dtype(config.dtype, device)
+    model, tokenizer, _ = load_model(path, device)
+    engine = Engine(model, device=device, dtype=dtype)
+    info = ServerInfo(
+        model=config.model_name or default_model_name(path), checkpoint=str(path),
+        parameters=count_parameters(model), context_length=model.config.block_size,
+        vocab_size=model.config.vocab_size, tokenizer=tokenizer.describe(), device=str(device),
+        dtype=str(dtype).removeprefix("torch."), chat=bool(getattr(tokenizer, "has_chat_template", False)))
+    app = create_app(GenerationWorker(engine, tokenizer, config.max_batch_size), info, config)
+    print(f"gptforge: serving {info.model} ({human_count(info.parameters)} parameters, context "
+          f"{info.context_length}{', chat' if info.chat else ''}) on http://{config.host}:{config.port} "
+          "(web app at /, OpenAI API at /v1)", flush=True)
+    uvicorn.run(app, host=config.host, port=config.port, log_level=config.log_level,
+                timeout_graceful_shutdown=5)
+
+
+def check_config(config: ServeConfig) -> None:
+    for name in ("max_batch_size", "max_concurrent", "max_body_bytes"):
+        if getattr(config, name) < 1:
+            raise UserError(f"--{name} must be at least 1, got {getattr(config, name)}")
+    if config.max_tokens is not None and config.max_tokens < 1:
+        raise UserError(f"--max_tokens must be at least 1, got {config.max_tokens}")
+    if not config.request_timeout > 0:
+        raise UserError(f"--request_timeout must be > 0 seconds, got {config.request_timeout}")
+    if config.threads is not None and config.threads < 1:
+        raise UserError(f"--threads must be at least 1, got {config.threads}")
+    if not 0 <= config.port < 65536:
+        raise UserError(f"--port must be between 0 and 65535, got {config.port}")
+
+
+def default_model_name(path: Path) -> str:
+    """A checkpoint's folder name, or its run's name for runs/NAME/checkpoints/{best,latest,step_N}."""
+    path = Path(path).resolve()
+    return path.parent.parent.name if path.parent.name == "checkpoints" else path.name
+

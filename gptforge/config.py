@@ -200,6 +200,58 @@ class TrainConfig:
     """Show a progress bar."""
 
 
+FINETUNE_MODES = ("text", "classify", "instruct", "chat")
+
+
+@dataclass
+class FinetuneConfig:
+    """What `gptforge finetune MODE` adds to the training options (--train.*), which keep their meaning."""
+
+    data: str = ""
+    """Training data: text (.txt file/folder or .jsonl {text, tag}), classify (.tsv/.csv/.jsonl text+label),
+    instruct (Alpaca .json/.jsonl), chat (.jsonl conversations or an OpenAssistant tree export)."""
+    epochs: float = 3.0
+    """Passes over the training split; sets the number of steps (0 = use --train.max_steps)."""
+    evals_per_epoch: int = 1
+    """Validation (and a per-epoch checkpoint) this many times per epoch."""
+    val_fraction: Optional[float] = None
+    """Share of examples for validation (default: text 0.1, classify 0.1, instruct 0.05, chat 0.05)."""
+    test_fraction: Optional[float] = None
+    """Share held out for testing (default: classify 0.2, instruct 0.1, chat 0.05, text 0)."""
+    split_seed: int = 0
+    """Seed of the train/val/test split (separate from --train.seed so the test set never moves)."""
+    documents: str = "paragraph"
+    """text: 'paragraph' (a blank line ends a document) or 'file' (each file is one document)."""
+    delimiters: Optional[str] = None
+    """text: 'OPEN,CLOSE' (e.g. '<LOC>,</LOC>'): each span is a document; <LOC tag="x"> tags it."""
+    text_field: str = "text"
+    """classify: column/field holding the text (a number = column index in a headerless file)."""
+    label_field: str = "label"
+    """classify: column/field holding the label."""
+    balance: str = "none"
+    """classify: none, downsample (each epoch, the majority classes down to the smallest) or oversample."""
+    train_last_blocks: Optional[int] = None
+    """classify: train only the last N blocks, the final norm and the head (default: everything)."""
+    truncate: str = "start"
+    """classify: keep the 'start' or the 'end' of texts longer than the context."""
+    oasst_paths: str = "all"
+    """chat, OpenAssistant trees: 'all' root-to-leaf paths or only the 'top'-ranked one."""
+    response_tokens: int = 256
+    """instruct: tokens per generated test-set response (test_responses.jsonl)."""
+    lr_sweep: list[float] = field(default_factory=list)
+    """Learning rates to try first (e.g. [1e-4,3e-4,1e-3]): a short trial each, then training with the best."""
+    sweep_steps: int = 50
+    """Steps per learning-rate trial."""
+    lora_rank: int = 0
+    """LoRA adapter rank (0 = full fine-tuning). Only adapters (and a classifier head) train."""
+    lora_alpha: float = 16.0
+    """LoRA scale numerator: updates are scaled by alpha / rank."""
+    lora_targets: list[str] = field(default_factory=lambda: ["attn", "mlp"])
+    """Layers given adapters: attn (c_attn + attn c_proj), qkv (c_attn only), mlp (c_fc + mlp c_proj)."""
+    lora_dropout: float = 0.0
+    """Dropout on the adapters' input."""
+
+
 @dataclass
 class SampleConfig:
     """How to sample text from a model."""

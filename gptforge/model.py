@@ -247,6 +247,9 @@ class GPTClassifier(GPT):
     def __init__(self, config: ModelConfig, n_classes: int):
         super().__init__(config)
         self.classifier = nn.Linear(config.n_embd, n_classes)
+        self.init_classifier()
+
+    def init_classifier(self) -> None:
         nn.init.normal_(self.classifier.weight, mean=0.0, std=0.02)
         nn.init.zeros_(self.classifier.bias)
 

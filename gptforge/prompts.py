@@ -30,3 +30,58 @@ def check_messages(messages: Sequence[Mapping]) -> list[tuple[str, str]]:
             raise UserError(f"message {i} content must be a string, got {type(content).__name__}")
         pairs.append((role, content))
     return pairs
+
+
+# --- instruction format: the Alpaca template (as in LLMs-from-scratch ch07) -------------------------
+ALPACA_PREAMBLE = ("Below is an instruction that describes a task. "
+                   "Write a response that appropriately completes the request.")
+
+
+def alpaca_prompt(instruction: str, input: str = "") -> str:
+    """The prompt a response follows: preamble, instruction, the input section only when there is input,
+    and the response header (ending in a newline, so the response starts a fresh line)."""
+    text = f"{ALPACA_PREAMBLE}\n\n### Instruction:\n{instruction}"
+    if input:
+        text += f"\n\n### Input:\n{input}"
+    return text + "\n\n### Response:\n"
+
+
+def check_instruction(example: Mapping, need_output: bool = True) -> tuple[str, str, str]:
+    """Validate an Alpaca example ({'instruction', optional 'input', 'output'}) and return
+    (instruction, input, output); output is "" when not needed and absent."""
+    if not isinstance(example, Mapping):
+        raise UserError(f"an instruction example must be an object, got {type(example).__name__}")
+    instruction, input_, output = example.get("instruction"), example.get("input"), example.get("output")
+    if not isinstance(instruction, str) or not instruction.strip():
+        raise UserError("example has no 'instruction' text; each example needs instruction and output "
+                        "(input is optional)")
+    if input_ is not None and not isinstance(input_, str):
+        raise UserError(f"example 'input' must be a string, got {type(input_).__name__}")
+    if output is None and not need_output:
+        output = ""
+    elif not isinstance(output, str) or not output.strip():
+        missing = "has no 'output'" if output is None else "has an empty or non-string 'output'"
+        raise UserError(f"example {missing}; each example needs instruction and output (input is optional)")
+    return instruction, input_ or "", output
+
+
+# --- control tags: a document's theme/tone/type as a prefix special token ---------------------------
+TAG_PREFIX, TAG_SUFFIX = "<|tag:", "|>"
+MAX_TAG_CHARS = 64
+
+
+def tag_token(tag: str) -> str:
+    """'dark' -> '<|tag:dark|>'. Tags are short names; characters that would blur the token's edges are
+    refused so that the token name maps back to exactly one tag."""
+    if not isinstance(tag, str) or not tag or tag != tag.strip() or len(tag) > MAX_TAG_CHARS \
+            or any(c in tag for c in "|<>\n\r\t"):
+        raise UserError(f"invalid tag {tag!r}: use a short name (1-{MAX_TAG_CHARS} characters) without "
+                        "surrounding spaces, '|', '<', '>' or line breaks")
+    return f"{TAG_PREFIX}{tag}{TAG_SUFFIX}"
+
+
+def tag_of_token(name: str) -> str | None:
+    """'<|tag:dark|>' -> 'dark'; None for any other token name."""
+    if name.startswith(TAG_PREFIX) and name.endswith(TAG_SUFFIX) and len(name) > len(TAG_PREFIX + TAG_SUFFIX):
+        return name[len(TAG_PREFIX):-len(TAG_SUFFIX)]
+    return None

@@ -17,10 +17,11 @@ import json
 import threading
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 from gptforge.common import UserError, atomic_write_text
-from gptforge.prompts import CHAT_TOKENS, END_OF_TURN, ROLE_TOKENS, check_messages
+from gptforge.prompts import (CHAT_TOKENS, END_OF_TURN, ROLE_TOKENS, alpaca_prompt, check_instruction,
+                              check_messages, tag_of_token, tag_token)
 
 EOT = "<|endoftext|>"
 TOKENIZER_FILE = "tokenizer.json"
@@ -127,6 +128,40 @@ class Tokenizer(ABC):
             ids.append(self.special_tokens[ROLE_TOKENS["assistant"]])
             mask.append(0)
         return ids, mask
+
+    # --- instruction format (Alpaca, see gptforge/prompts.py) ---------------------------------------
+    def encode_instruction(self, example: Mapping, with_response: bool = True) -> tuple[list[int], list[int]]:
+        """Alpaca example {'instruction', 'input'?, 'output'} -> (ids, loss_mask). The mask is 1 on the
+        output and the one end-of-text after it (so the model learns to stop), 0 on the prompt.
+        with_response=False gives just the prompt, for generation. Prompt and output are encoded
+        separately, so the training prompt is token for token the one generation sees."""
+        instruction, input_, output = check_instruction(example, need_output=with_response)
+        prompt = self.encode(alpaca_prompt(instruction, input_))
+        if not with_response:
+            return prompt, [0] * len(prompt)
+        response = self.encode(output) + [self.eot_id]
+        return prompt + response, [0] * len(prompt) + [1] * len(response)
+
+    # --- control tags: <|tag:NAME|> before a document conditions generation on NAME ---------------
+    def add_tag_tokens(self, tags: Sequence[str]) -> list[int]:
+        """Add a special token per tag; a model using them needs its embedding grown."""
+        return self.add_special_tokens([tag_token(t) for t in tags])
+
+    @property
+    def tags(self) -> list[str]:
+        """The tags this tokenizer has tokens for, in id order."""
+        return [t for name in self.special_tokens if (t := tag_of_token(name)) is not None]
+
+    def encode_tagged(self, text: str, tag: str | None = None) -> list[int]:
+        """The tag's token (if any), then the text: how a tagged document starts in training, and so how
+        a prompt conditioned on that tag must start (after the usual end-of-text)."""
+        if tag is None:
+            return self.encode(text)
+        name = tag_token(tag)
+        if name not in self.special_tokens:
+            known = ", ".join(self.tags) or "none"
+            raise UserError(f"unknown tag '{tag}'; this model knows the tags: {known}")
+        return [self.special_tokens[name]] + self.encode(text)
 
     def save(self, directory: Path) -> None:
         directory = Path(directory)

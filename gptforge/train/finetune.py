@@ -1,0 +1,247 @@
+"""Fine-tuning driver: `gptforge finetune MODE --from CHECKPOINT --finetune.data PATH`.
+
+Every mode runs through the same steps and the one training loop (train/loop.py), so checkpoints,
+metrics, plots, resume, DDP, LoRA and learning-rate sweeps work the same in all of them:
+    base checkpoint -> mode reads and splits the data -> tokens added (chat roles, tags), vocabulary grown
+    -> mode's head (classify) -> LoRA or partial freezing -> train_loop -> the mode's report.
+What differs per mode is in modes.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from gptforge.checkpoint import load_model, resolve_checkpoint, run_checkpoint
+from gptforge.common import Runtime, UserError, atomic_write_text, seed_everything, setup_runtime, teardown_runtime
+from gptforge.config import FINETUNE_MODES, FinetuneConfig, RunConfig, SampleConfig, TrainConfig
+from gptforge.lora import LoRAConfig, apply_lora, count_trainable, has_lora
+from gptforge.model import GPT
+from gptforge.textgen import generate_text
+from gptforge.train.loop import LoopResult, train_loop
+from gptforge.train.metrics import plot_losses
+from gptforge.train.modes import MODES, Mode
+
+FINETUNE_META = "finetune"
+
+
+@dataclasses.dataclass
+class FinetuneResult:
+    loop: LoopResult
+    run_dir: Path
+    report: dict
+    trainable: int
+    total: int
+    sweep: Optional[list[dict]] = None
+
+
+def run_finetune(mode: str, base: str, ft: FinetuneConfig, tc: TrainConfig,
+                 sample: Optional[SampleConfig] = None, runtime: Optional[Runtime] = None) -> FinetuneResult:
+    """Fine-tune `base` (a checkpoint or run directory) in `mode`; rerunning the same call resumes."""
+    if mode not in FINETUNE_MODES:
+        raise UserError(f"unknown fine-tuning mode '{mode}'; use {', '.join(FINETUNE_MODES)}")
+    if not ft.data:
+        raise UserError("fine-tuning needs data: --finetune.data PATH")
+    sample = sample or SampleConfig()
+    own_runtime = runtime is None
+    runtime = runtime or setup_runtime(tc.device, tc.dtype)
+    try:
+        sweep = None
+        if ft.lr_sweep and run_checkpoint(Path(tc.run_dir), "latest") is None:
+            sweep = lr_sweep(mode, base, ft, tc, sample, runtime)
+            tc = dataclasses.replace(tc, lr=min(sweep, key=lambda r: r["val_loss"])["lr"])
+            runtime.print(f"lr sweep: continuing with lr {tc.lr:g}")
+        result = _finetune_once(mode, base, ft, tc, sample, runtime)
+        result.sweep = sweep
+        return result
+    finally:
+        if own_runtime:
+            teardown_runtime(runtime)
+
+
+def _finetune_once(mode_name: str, base: str, ft: FinetuneConfig, tc: TrainConfig, sample: SampleConfig,
+                   runtime: Runtime) -> FinetuneResult:
+    run_dir = Path(tc.run_dir)
+    base_path = resolve_checkpoint(Path(base)).resolve()
+    resume_from = run_checkpoint(run_dir, "latest")
+    seed_everything(tc.seed + runtime.rank)
+
+    # The model and tokenizer: the base's, or the run's own when resuming (tokens, head, adapters included).
+    model, tokenizer, meta = load_model(resume_from or base_path, runtime.device)
+    labels = (meta.get("classifier") or {}).get("labels") if resume_from else None
+    mode: Mode = MODES[mode_name](ft, labels) if mode_name == "classify" else MODES[mode_name](ft)
+    if resume_from is not None:
+        _check_resume(meta, mode_name, base_path, run_dir)
+
+    splits = mode.split()
+    if resume_from is None:
+        mode.add_tokens(tokenizer, splits)
+        if tokenizer.vocab_size > model.config.vocab_size:
+            model.grow_vocab(tokenizer.vocab_size)
+        model = mode.build_model(model)
+    block = model.config.block_size
+    sources = {name: mode.batches(examples, tokenizer, block, tc.micro_batch_size, tc.seed, runtime,
+                                  training=name == "train") if examples else None
+               for name, examples in splits.items()}
+    if sources["train"] is None:
+        raise UserError(f"{ft.data}: no training examples left after the split; lower the val/test fractions")
+    lora = _set_trainable(model, mode, ft)
+    trainable, total = count_trainable(model)
+
+    steps_per_epoch = sources["train"].steps_per_epoch
+    eval_every = max(1, steps_per_epoch // max(1, ft.evals_per_epoch))
+    max_steps = math.ceil(ft.epochs * steps_per_epoch) if ft.epochs > 0 else tc.max_steps
+    tc = dataclasses.replace(tc, max_steps=max_steps, eval_every=eval_every, checkpoint_every=eval_every,
+                             keep_checkpoints=True, tokens_per_step=None, eval_tasks=[],
+                             sample_every=tc.sample_every or eval_every)
+    cfg = RunConfig(model=model.config, train=tc, sample=sample)
+    checkpoint_meta = {FINETUNE_META: {"mode": mode_name, "base": str(base_path), "data": str(ft.data)},
+                       **mode.checkpoint_meta()}
+    if lora is not None:
+        checkpoint_meta.update(lora=dataclasses.asdict(lora), base=str(base_path))
+    if runtime.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _save_run_config(run_dir, mode_name, base_path, ft, tc, sample)
+        runtime.print(f"finetune {mode_name}: {trainable:,} of {total:,} parameters train"
+                      f"{' (LoRA rank %d)' % lora.rank if lora else ''}; "
+                      + ", ".join(f"{k} {len(v)}" for k, v in splits.items()) + f" examples; "
+                      f"{steps_per_epoch} steps per epoch, {max_steps} steps")
+
+    val = sources["val"]
+    prompt = mode.sample_prompt(tokenizer, splits)
+    result = train_loop(
+        model, tokenizer, sources["train"], (lambda: val.iter_epoch()) if val is not None else None, cfg, runtime,
+        run_dir, resume_from=resume_from,
+        sample_fn=_sampler(tokenizer, prompt, sample, tc, runtime) if prompt is not None and tc.sample_every else None,
+        task_fn=(lambda m: mode.metrics(m, sources, runtime)) if runtime.is_main and _has_metrics(mode) else None,
+        checkpoint_meta=checkpoint_meta)
+
+    report = {}
+    if runtime.is_main:
+        best = run_checkpoint(run_dir, "best") or run_checkpoint(run_dir, "latest")
+        final, _, _ = load_model(best, runtime.device)  # the best epoch by validation loss
+        report = mode.finish(final, tokenizer, splits, sources, run_dir, sample, runtime)
+        if tc.plot:
+            from gptforge.train.metrics import MetricsLog
+
+            plot_losses(MetricsLog(run_dir / "metrics.jsonl").read(), run_dir / "loss.png")
+    return FinetuneResult(loop=result, run_dir=run_dir, report=report, trainable=trainable, total=total)
+
+
+def _has_metrics(mode: Mode) -> bool:
+    return type(mode).metrics is not Mode.metrics
+
+
+def _set_trainable(model: GPT, mode: Mode, ft: FinetuneConfig) -> Optional[LoRAConfig]:
+    """LoRA (adapters + head train), or only the last N blocks + final norm + head, or everything."""
+    lora = None
+    if ft.lora_rank:
+        lora = LoRAConfig(rank=ft.lora_rank, alpha=ft.lora_alpha, dropout=ft.lora_dropout,
+                          targets=list(ft.lora_targets)).validate()
+        if not has_lora(model):
+            apply_lora(model, lora)
+        head = tuple(mode.trainable_head())
+        for name, p in model.named_parameters():
+            p.requires_grad_(".lora_" in name or name.startswith(head))
+    elif ft.train_last_blocks is not None:
+        n_layer = model.config.n_layer
+        if not 0 <= ft.train_last_blocks <= n_layer:
+            raise UserError(f"--finetune.train_last_blocks must be between 0 and {n_layer}, got {ft.train_last_blocks}")
+        keep = tuple(f"transformer.h.{i}." for i in range(n_layer - ft.train_last_blocks, n_layer))
+        keep += ("transformer.ln_f.", *mode.trainable_head())
+        for name, p in model.named_parameters():
+            p.requires_grad_(name.startswith(keep))
+    if has_lora(model) and not ft.lora_rank:
+        raise UserError("this run trains LoRA adapters; keep --finetune.lora_rank to resume it")
+    return lora
+
+
+def _check_resume(meta: dict, mode: str, base: Path, run_dir: Path) -> None:
+    saved = meta.get(FINETUNE_META) or {}
+    if saved.get("mode") != mode or Path(saved.get("base", "")) != base:
+        raise UserError(f"{run_dir} holds a {saved.get('mode', 'pretraining')} run from {saved.get('base')}; "
+                        f"use a new --train.run_dir for {mode} from {base}")
+
+
+def _sampler(tokenizer, prompt: list[int], sample: SampleConfig, tc: TrainConfig, runtime: Runtime):
+    stops = tokenizer.chat_stop_ids if tokenizer.has_chat_template else [tokenizer.eot_id]
+    params = dataclasses.replace(sample, max_new_tokens=tc.sample_tokens, num_samples=1, seed=tc.seed)
+
+    def sample_fn(model: GPT) -> str:
+        return generate_text(model, tokenizer, [prompt], params, runtime.device, stop_ids=stops,
+                             truncate="left")[0]
+
+    return sample_fn
+
+
+def _save_run_config(run_dir: Path, mode: str, base: Path, ft: FinetuneConfig, tc: TrainConfig,
+                     sample: SampleConfig) -> None:
+    import yaml
+
+    resolved = {"mode": mode, "from": str(base), "finetune": dataclasses.asdict(ft),
+                "train": dataclasses.asdict(tc), "sample": dataclasses.asdict(sample)}
+    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
+
+
+# --- learning-rate sweep ----------------------------------------------------------------------------
+def lr_sweep(mode: str, base: str, ft: FinetuneConfig, tc: TrainConfig, sample: SampleConfig,
+             runtime: Runtime) -> list[dict]:
+    """A short trial per learning rate (same data, seed and steps), each in run_dir/sweep/lr_X; prints a
+    table, draws sweep.png and returns [{lr, val_loss, train_loss}]."""
+    root = Path(tc.run_dir) / "sweep"
+    rows = []
+    for lr in ft.lr_sweep:
+        trial_tc = dataclasses.replace(tc, lr=lr, run_dir=str(root / f"lr_{lr:g}"), progress=False, plot=False,
+                                       sample_every=0, warmup_steps=min(tc.warmup_steps, ft.sweep_steps // 10))
+        trial_ft = dataclasses.replace(ft, epochs=0, lr_sweep=[], evals_per_epoch=1)
+        trial_tc = dataclasses.replace(trial_tc, max_steps=ft.sweep_steps)
+        res = _finetune_once(mode, base, trial_ft, trial_tc, sample, runtime)
+        val = res.loop.last_val_loss if res.loop.last_val_loss is not None else float("nan")
+        rows.append({"lr": lr, "val_loss": val, "train_loss": res.loop.train_loss})
+        runtime.print(f"  lr {lr:<10g} val loss {val:.4f}  train loss {res.loop.train_loss:.4f}")
+    if runtime.is_main:
+        atomic_write_text(root / "sweep.json", json.dumps(rows, indent=2) + "\n")
+        _plot_sweep(rows, root / "sweep.png")
+        runtime.print("\n".join(["", f"{'lr':>10}  {'val loss':>9}  {'train loss':>10}"]
+                                + [f"{r['lr']:>10g}  {r['val_loss']:>9.4f}  {r['train_loss']:>10.4f}" for r in rows]))
+    return rows
+
+
+def _plot_sweep(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    ax.plot([r["lr"] for r in rows], [r["val_loss"] for r in rows], marker="o", label="validation")
+    ax.plot([r["lr"] for r in rows], [r["train_loss"] for r in rows], marker="o", label="train", alpha=0.6)
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("loss after the trial")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+# --- merging adapters ---------------------------------------------------------------------------------
+def merge_lora_checkpoint(path: Path, out: Path) -> Path:
+    """A LoRA checkpoint -> a plain checkpoint with the adapters folded into the weights."""
+    from gptforge.checkpoint import save_checkpoint
+    from gptforge.lora import merge_lora
+
+    model, tokenizer, meta = load_model(path, "cpu")
+    if not meta.get("lora"):
+        raise UserError(f"{path} has no LoRA adapters to merge; it is already a full checkpoint")
+    merge_lora(model)
+    kept = {k: v for k, v in meta.items() if k in (FINETUNE_META, "classifier")}
+    save_checkpoint(Path(out), model, tokenizer, step=meta.get("step", 0), val_loss=meta.get("val_loss"),
+                    extra_meta={**kept, "merged_from": str(Path(path).resolve())})
+    return Path(out)

@@ -109,8 +109,9 @@ class Tokenizer(ABC):
 
     @property
     def chat_stop_ids(self) -> list[int]:
-        """Generating a reply stops at the end of the assistant's turn (or at end-of-text)."""
-        return [self.special_tokens[END_OF_TURN], self.eot_id]
+        """Generating a reply stops at the end of the assistant's turn, at end-of-text, or where a model
+        opens another turn without closing its own (an under-trained one does)."""
+        return [self.special_tokens[END_OF_TURN], self.eot_id, *(self.special_tokens[t] for t in ROLE_TOKENS.values())]
 
     def encode_chat(self, messages, add_generation_prompt: bool = False) -> tuple[list[int], list[int]]:
         """Messages [{'role', 'content'}, ...] -> (ids, loss_mask). Each turn is <|role|> content <|end|>;

@@ -13,7 +13,7 @@ import pytest
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         reason = f"../shared/data not found at {SHARED_DATA} (fixtures live beside the repo checkout)"

@@ -268,7 +268,8 @@ def test_chat_template_ids_and_loss_mask(tmp_path):
     assert learned == tok.encode("yo") + [sp["<|end|>"]] + tok.encode("!") + [sp["<|end|>"]]
     prompt, prompt_mask = tok.encode_chat(messages[:2], add_generation_prompt=True)
     assert prompt[-1] == sp["<|assistant|>"] and not any(prompt_mask)
-    assert tok.chat_stop_ids == [sp["<|end|>"], tok.eot_id]
+    assert tok.chat_stop_ids[:2] == [sp["<|end|>"], tok.eot_id]
+    assert set(tok.chat_stop_ids[2:]) == {sp["<|system|>"], sp["<|user|>"], sp["<|assistant|>"]}
 
 
 @pytest.mark.parametrize("bad, match", [([], "non-empty"), ("hello", "non-empty"),

@@ -1,0 +1,199 @@
+"""Fine-tuning through the one loop: every mode on real data slices, LoRA (adapter-only checkpoints, merge,
+bitwise resume after SIGKILL), frozen blocks, learning-rate sweeps, and the errors a user can hit."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from gptforge.checkpoint import load_model, save_checkpoint
+from gptforge.config import ModelConfig
+from gptforge.model import GPT, GPTClassifier
+from gptforge.tokenizer import ByteTokenizer
+from helpers import REPO, run_cli
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """A tiny byte-level base model, as `gptforge train` would leave one."""
+    torch.manual_seed(0)
+    tok = ByteTokenizer()
+    path = tmp_path_factory.mktemp("base") / "ckpt"
+    model = GPT(ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=256, vocab_size=tok.vocab_size))
+    save_checkpoint(path, model, tok)
+    return path
+
+
+@pytest.fixture(scope="module")
+def slices(shared_data, tmp_path_factory):
+    """Small slices of the real fine-tuning files, so every mode runs in seconds."""
+    root = tmp_path_factory.mktemp("slices")
+    sms = (shared_data / "SMSSpamCollection.tsv").read_bytes().split(b"\r\n")[:400]
+    (root / "sms.tsv").write_bytes(b"\r\n".join(sms))
+    alpaca = json.loads((shared_data / "alpaca_instructions_1100.json").read_text())[:60]
+    (root / "alpaca.json").write_text(json.dumps(alpaca))
+    trees = (shared_data / "oasst_en_100_trees.jsonl").read_text().splitlines()[:15]
+    (root / "oasst.jsonl").write_text("\n".join(trees) + "\n")
+    text = (shared_data / "tinyshakespeare.txt").read_text()[:40_000]
+    (root / "plays.txt").write_text(text)
+    return root
+
+
+def finetune(mode, base, data, run_dir, *extra, **kw):
+    return run_cli("finetune", mode, "--from", str(base), "--finetune.data", str(data), "--train.run_dir",
+                   str(run_dir), "--train.device", "cpu", "--train.progress", "false", "--train.micro_batch_size",
+                   "8", "--train.lr", "3e-3", "--train.warmup_steps", "2", *extra, **kw)
+
+
+def test_classify_learns_spam_and_stores_labels(base, slices, tmp_path):
+    run = tmp_path / "clf"
+    res = finetune("classify", base, slices / "sms.tsv", run, "--finetune.epochs", "2",
+                   "--finetune.balance", "downsample", "--finetune.train_last_blocks", "1")
+    assert res.returncode == 0, res.stderr
+    report = json.loads((run / "classify_report.json").read_text())
+    assert report["labels"] == ["ham", "spam"]
+    assert sum(map(sum, report["test"]["confusion"])) == report["test"]["n"] == 80  # 20% of 400, stratified
+    assert report["test"]["acc"] > 0.75 and "test: accuracy" in res.stdout
+    model, _, meta = load_model(run)
+    assert isinstance(model, GPTClassifier) and meta["classifier"]["labels"] == ["ham", "spam"]
+    # only the last block, the final norm and the head trained
+    base_model, _, _ = load_model(base)
+    assert torch.equal(model.transformer.h[0].attn.c_attn.weight, base_model.transformer.h[0].attn.c_attn.weight)
+    assert torch.equal(model.transformer.wte.weight, base_model.transformer.wte.weight)
+    assert not torch.equal(model.transformer.h[1].mlp.c_fc.weight, base_model.transformer.h[1].mlp.c_fc.weight)
+    accuracy = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "val/acc" in r]
+    assert len(accuracy) == 2  # one per epoch, plotted beside the losses
+    assert (run / "loss.png").stat().st_size > 0
+
+
+def test_instruct_masks_prompts_and_writes_test_responses(base, slices, tmp_path):
+    run = tmp_path / "sft"
+    res = finetune("instruct", base, slices / "alpaca.json", run, "--finetune.epochs", "1",
+                   "--finetune.response_tokens", "8")
+    assert res.returncode == 0, res.stderr
+    rows = [json.loads(line) for line in (run / "test_responses.jsonl").read_text().splitlines()]
+    assert len(rows) == 6 and all({"instruction", "output", "response"} <= set(r) for r in rows)
+    assert any("sample" in r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()))
+
+
+def test_chat_grows_vocabulary_and_keeps_the_template(base, slices, tmp_path):
+    run = tmp_path / "chat"
+    res = finetune("chat", base, slices / "oasst.jsonl", run, "--finetune.epochs", "1",
+                   "--finetune.oasst_paths", "top")
+    assert res.returncode == 0, res.stderr
+    model, tok, _ = load_model(run)
+    assert tok.has_chat_template and model.config.vocab_size == ByteTokenizer().vocab_size + 4
+    base_model, _, _ = load_model(base)
+    old = base_model.config.vocab_size
+    new_rows = model.transformer.wte.weight[old:old + 4]
+    assert torch.isfinite(new_rows).all() and not torch.equal(new_rows[0], new_rows[1])  # trained apart
+
+
+def test_text_mode_with_tags_and_lr_sweep(base, tmp_path):
+    corpus = tmp_path / "places.txt"
+    corpus.write_text("".join(f'<LOC tag="{"dark" if i % 2 else "sunny"}">The {i}th hall is '
+                              f'{"grim and cold" if i % 2 else "bright and warm"}.</LOC>\n' for i in range(80)))
+    run = tmp_path / "text"
+    res = finetune("text", base, corpus, run, "--finetune.delimiters", "<LOC>,</LOC>", "--finetune.epochs", "2",
+                   "--finetune.lr_sweep", "[1e-4,3e-3]", "--finetune.sweep_steps", "15")
+    assert res.returncode == 0, res.stderr
+    sweep = json.loads((run / "sweep" / "sweep.json").read_text())
+    assert [r["lr"] for r in sweep] == [1e-4, 3e-3]
+    best = min(sweep, key=lambda r: r["val_loss"])["lr"]
+    assert best == 3e-3  # 15 steps at 1e-4 barely move a random model
+    assert (run / "sweep" / "sweep.png").stat().st_size > 0
+    assert f"continuing with lr {best:g}" in res.stdout
+    _, tok, _ = load_model(run)
+    assert {"<|tag:dark|>", "<|tag:sunny|>"} <= set(tok.special_tokens)
+    kept = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert {"best", "latest"} <= set(kept) and sum(k.startswith("step_") for k in kept) == 2  # one per epoch
+
+
+def test_lora_checkpoints_hold_adapters_only_and_merge_exactly(base, slices, tmp_path):
+    run = tmp_path / "lora"
+    before = load_file(str(base / "model.safetensors"))
+    res = finetune("instruct", base, slices / "alpaca.json", run, "--finetune.epochs", "1",
+                   "--finetune.lora_rank", "4", "--finetune.lora_targets", "[attn,mlp]",
+                   "--finetune.response_tokens", "4")
+    assert res.returncode == 0, res.stderr
+    adapters = load_file(str(run / "checkpoints" / "best" / "model.safetensors"))
+    assert adapters and all(".lora_" in k for k in adapters)  # nothing else trained: nothing else stored
+    assert "parameters trained" in res.stdout
+    after = load_file(str(base / "model.safetensors"))
+    assert all(torch.equal(before[k], after[k]) for k in before)  # the base checkpoint is untouched
+
+    merged_dir = tmp_path / "merged"
+    assert run_cli("merge-lora", str(run), "--out", str(merged_dir)).returncode == 0
+    adapted, tok, _ = load_model(run)
+    merged, _, meta = load_model(merged_dir)
+    assert "lora" not in meta
+    idx = torch.tensor([tok.encode("### Instruction:\nSay hi")])
+    with torch.no_grad():
+        torch.testing.assert_close(merged.eval()(idx)[0], adapted.eval()(idx)[0], atol=1e-5, rtol=0)
+        assert not torch.allclose(merged(idx)[0], load_model(base)[0].eval()(idx)[0])  # adapters did something
+
+
+def test_lora_resume_after_sigkill_is_bitwise_identical(base, slices, tmp_path):
+    args = ["--finetune.epochs", "3", "--finetune.evals_per_epoch", "4", "--finetune.lora_rank", "4",
+            "--finetune.lora_dropout", "0.1", "--train.sample_every", "1000"]  # dropout: RNG restored too
+    straight = tmp_path / "straight"
+    assert finetune("text", base, slices / "plays.txt", straight, *args).returncode == 0
+
+    killed = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "gptforge", "finetune", "text", "--from", str(base), "--finetune.data",
+           str(slices / "plays.txt"), "--train.run_dir", str(killed), "--train.device", "cpu", "--train.progress",
+           "false", "--train.micro_batch_size", "8", "--train.lr", "3e-3", "--train.warmup_steps", "2", *args]
+    proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    meta = killed / "checkpoints" / "latest" / "meta.json"
+    total = json.loads((straight / "checkpoints" / "latest" / "meta.json").read_text())["step"]
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if json.loads(meta.read_text())["step"] >= total // 3:
+                break
+        except (FileNotFoundError, json.JSONDecodeError, KeyError):
+            pass
+        time.sleep(0.005)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert json.loads(meta.read_text())["step"] < total
+
+    resumed = finetune("text", base, slices / "plays.txt", killed, *args)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming from" in resumed.stdout
+    a = load_file(str(straight / "checkpoints/latest/model.safetensors"))
+    b = load_file(str(killed / "checkpoints/latest/model.safetensors"))
+    assert a.keys() == b.keys() and all(".lora_" in k for k in a)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize("args, message", [
+    (["classify", "--finetune.data", "missing.tsv"], "missing.tsv"),
+    (["poetry", "--finetune.data", "x.txt"], "unknown fine-tuning mode 'poetry'"),
+    (["chat"], "needs data"),
+    (["text", "--finetune.data", "{plays}", "--finetune.lora_rank", "4", "--finetune.lora_targets", "[ffn]"], "ffn"),
+])
+def test_finetune_errors_are_one_line(base, slices, tmp_path, args, message):
+    args = [a.replace("{plays}", str(slices / "plays.txt")) for a in args]
+    res = run_cli("finetune", args[0], "--from", str(base), "--train.run_dir", str(tmp_path / "r"),
+                  "--train.device", "cpu", *args[1:])
+    assert res.returncode == 2, res.stderr
+    assert message in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
+
+
+def test_resuming_a_run_in_another_mode_is_refused(base, slices, tmp_path):
+    run = tmp_path / "run"
+    assert finetune("text", base, slices / "plays.txt", run, "--finetune.epochs", "0",
+                    "--train.max_steps", "2").returncode == 0
+    res = finetune("instruct", base, slices / "alpaca.json", run)
+    assert res.returncode == 2 and "holds a text run" in res.stderr

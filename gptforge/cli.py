@@ -28,6 +28,17 @@ def _run_parser(description: str) -> ArgumentParser:
     return p
 
 
+def _endpoint_arguments(p: ArgumentParser) -> None:
+    p.add_argument("--endpoint", type=str, required=True,
+                   help="API base of an OpenAI-compatible server, e.g. http://localhost:11434/v1 (Ollama).")
+    p.add_argument("--model", type=str, required=True, help="Model name the server knows.")
+    p.add_argument("--api_key", type=Optional[str], default=None,
+                   help="Sent as a Bearer token. Default: the GPTFORGE_API_KEY environment variable.")
+    p.add_argument("--timeout", type=float, default=60.0, help="Seconds to wait on the server per request.")
+    p.add_argument("--retries", type=int, default=3,
+                   help="Retries of a request that timed out or failed with a connection error, 429 or 5xx.")
+
+
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="gptforge", description="Train, sample and inspect GPT-2 models you own.")
     sub = parser.add_subcommands(dest="command")
@@ -78,6 +89,62 @@ def build_parser() -> ArgumentParser:
     mrg.add_argument("checkpoint", type=str, help="LoRA checkpoint or run directory (uses best, else latest).")
     mrg.add_argument("--out", type=str, required=True, help="Checkpoint directory to write.")
     sub.add_subcommand("merge-lora", mrg, help="Merge LoRA adapters into the base weights.")
+
+    # --- using fine-tuned models; LLM-judged evaluation and data (gptforge/chat.py, judge.py, synth.py) ---
+    cls = ArgumentParser(description="Classify texts with a checkpoint from `gptforge finetune classify`: the "
+                                     "label and each class's probability. Without --text or --file, classifies "
+                                     "each line read from standard input until end of input.")
+    cls.add_argument("checkpoint", type=str, help="Classifier checkpoint or run directory (uses best, else latest).")
+    cls.add_argument("--text", type=str, action="append", help="A text to classify; repeat for several.")
+    cls.add_argument("--file", type=Optional[str], default=None, help="Classify each non-empty line of this file.")
+    cls.add_argument("--out", type=Optional[str], default=None,
+                     help="Write {text, label, probabilities} per text to this JSONL file instead of printing.")
+    cls.add_argument("--keep", type=str, default="start",
+                     help="start or end: which part of a text longer than the context window is read.")
+    cls.add_argument("--batch_size", type=int, default=32, help="Texts per forward pass.")
+    cls.add_argument("--device", type=str, default="auto", help="cpu, cuda, mps or auto.")
+    sub.add_subcommand("classify", cls, help="Label texts with a fine-tuned classifier.")
+
+    chat = ArgumentParser(description="Chat with a checkpoint from `gptforge finetune chat` in the terminal. "
+                                      "Replies stream as they are written; the oldest turns are forgotten when the "
+                                      "context window is full. /reset clears the conversation, /exit or Ctrl-D "
+                                      "quits. With piped input, each line is a message and only replies are printed.")
+    chat.add_argument("checkpoint", type=str, help="Chat checkpoint or run directory (uses best, else latest).")
+    chat.add_argument("--system", type=Optional[str], default=None, help="System message that starts the conversation.")
+    chat.add_class_arguments(SampleConfig, "sample", as_group=True)
+    chat.add_argument("--device", type=str, default="auto", help="cpu, cuda, mps or auto.")
+    sub.add_subcommand("chat", chat, help="Multi-turn terminal chat with a chat model.")
+
+    jdg = ArgumentParser(description="Score responses (the JSONL that `finetune instruct` writes: instruction, "
+                                     "input, output, response) 0-100 with an LLM judge behind an OpenAI-compatible "
+                                     "endpoint; prints the mean and the distribution.")
+    jdg.add_argument("responses", type=str, help="JSONL file with instruction, output and response per line.")
+    _endpoint_arguments(jdg)
+    jdg.add_argument("--out", type=Optional[str], default=None,
+                     help="Write each item with its score to this JSONL file.")
+    jdg.add_argument("--concurrency", type=int, default=1, help="Requests in flight at once.")
+    jdg.add_argument("--json", type=Optional[str], default=None, help="Also write the summary to this JSON file.")
+    sub.add_subcommand("judge", jdg, help="Score model responses with an LLM judge.")
+
+    syn = ArgumentParser(description="Generate a fine-tuning corpus with an LLM behind an OpenAI-compatible "
+                                     "endpoint: one document per reply, delimited, deduplicated. Running it again "
+                                     "continues up to --n (the file is the state).")
+    _endpoint_arguments(syn)
+    syn.add_argument("--prompt_file", type=str, required=True,
+                     help="The request for one document; {tag} is replaced by a tag from --tags.")
+    syn.add_argument("--n", type=int, default=1000, help="Documents the output file should hold.")
+    syn.add_argument("--out", type=str, required=True, help="Text file the documents are appended to.")
+    syn.add_argument("--delimiters", type=str, default="<DOC>,</DOC>",
+                     help="OPEN,CLOSE around each document (give the same to finetune text --finetune.delimiters).")
+    syn.add_argument("--tags", type=Optional[str], default=None,
+                     help="Comma-separated tags, balanced across documents and written as <DOC tag=\"x\">.")
+    syn.add_argument("--temperature", type=float, default=1.0, help="Sampling temperature of the generating model.")
+    syn.add_argument("--max_tokens", type=Optional[int], default=None, help="Longest reply, in the model's tokens.")
+    syn.add_argument("--concurrency", type=int, default=4, help="Requests in flight at once.")
+    syn.add_argument("--max_misses", type=int, default=50,
+                     help="Stop after this many requests in a row without a new document.")
+    syn.add_argument("--progress", type=bool, default=True, help="Show a progress bar.")
+    sub.add_subcommand("synth", syn, help="Generate a fine-tuning corpus with an LLM.")
 
     # --- interop (gptforge/interop/) -------------------------------------------------------------
     imp = ArgumentParser(description="Import GPT-2 weights (Hugging Face model id or folder, or OpenAI's "
@@ -230,6 +297,109 @@ def cmd_merge_lora(ns) -> None:
     print(f"merged {ns.checkpoint} -> {out}")
 
 
+def cmd_classify(ns) -> None:
+    import json
+
+    from gptforge.chat import input_lines
+    from gptforge.checkpoint import load_model, read_meta, resolve_checkpoint
+    from gptforge.common import pick_device
+    from gptforge.train.modes import classify_texts
+
+    path = resolve_checkpoint(Path(ns.checkpoint))
+    labels = (read_meta(path).get("classifier") or {}).get("labels")
+    if not labels:  # checked before the weights load
+        raise UserError(f"{path} is not a classifier: it was not fine-tuned with `gptforge finetune classify`")
+    if ns.batch_size < 1:
+        raise UserError(f"--batch_size must be >= 1, got {ns.batch_size}")
+    device = pick_device(ns.device)
+    model, tokenizer, _ = load_model(path, device)
+
+    def classify(texts: list[str]) -> list[dict]:
+        return [r for i in range(0, len(texts), ns.batch_size)
+                for r in classify_texts(model, tokenizer, texts[i:i + ns.batch_size], labels, device, keep=ns.keep)]
+
+    def show(result: dict) -> str:
+        probs = ", ".join(f"{name} {p:.4f}" for name, p in result["probabilities"].items())
+        return f"{result['label']}\t({probs})"
+
+    texts = list(ns.text or [])
+    if ns.file:
+        try:
+            texts += [line.strip() for line in Path(ns.file).read_text(encoding="utf-8").splitlines() if line.strip()]
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"cannot read {ns.file}: {e}") from None
+    if ns.text is None and ns.file is None:  # one line at a time, answered at once (a pipe or a person)
+        for line in input_lines(sys.stdin, "> " if sys.stdin.isatty() else None):
+            if line.strip():
+                print(show(classify([line.strip()])[0]), flush=True)
+        return
+    if not texts:
+        raise UserError("nothing to classify: --text is empty and --file has no non-empty lines")
+    results = classify(texts)
+    if ns.out:
+        from gptforge.common import atomic_write_text
+
+        atomic_write_text(Path(ns.out), "".join(json.dumps({"text": t, **r}, ensure_ascii=False) + "\n"
+                                                for t, r in zip(texts, results)))
+        print(f"classified {len(texts)} texts -> {ns.out}")
+        return
+    for text, result in zip(texts, results):
+        print(f"{show(result)}\t{text}")
+
+
+def cmd_chat(ns) -> None:
+    from gptforge.chat import NO_TEMPLATE, ChatSession, run_chat
+    from gptforge.checkpoint import load_model
+    from gptforge.common import pick_device
+
+    device = pick_device(ns.device)
+    model, tokenizer, meta = load_model(Path(ns.checkpoint), device)
+    if meta.get("classifier") or not tokenizer.has_chat_template:
+        raise UserError(f"{ns.checkpoint}: {NO_TEMPLATE}")
+    run_chat(ChatSession(model, tokenizer, SampleConfig(**vars(ns.sample)), device, system=ns.system))
+
+
+def _api_key(ns) -> Optional[str]:
+    import os
+
+    return ns.api_key or os.environ.get("GPTFORGE_API_KEY") or None
+
+
+def cmd_judge(ns) -> None:
+    import json
+
+    from gptforge.common import atomic_write_text
+    from gptforge.judge import format_report, judge_file
+
+    report = judge_file(Path(ns.responses), ns.endpoint, ns.model, api_key=_api_key(ns), timeout=ns.timeout,
+                        retries=ns.retries, out=Path(ns.out) if ns.out else None, concurrency=ns.concurrency)
+    print(format_report(report))
+    if ns.json:
+        atomic_write_text(Path(ns.json), json.dumps(report, indent=2) + "\n")
+
+
+def cmd_synth(ns) -> None:
+    from gptforge.judge import ChatClient
+    from gptforge.synth import parse_delimiters, synthesize
+
+    try:
+        prompt = Path(ns.prompt_file).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read prompt file {ns.prompt_file}: {e}") from None
+    if ns.timeout <= 0 or ns.retries < 0:
+        raise UserError("--timeout must be > 0 and --retries >= 0")
+    delimiters = parse_delimiters(ns.delimiters)
+    tags = [t.strip() for t in ns.tags.split(",") if t.strip()] if ns.tags else []
+    client = ChatClient(ns.endpoint, ns.model, api_key=_api_key(ns), timeout=ns.timeout, retries=ns.retries)
+    r = synthesize(Path(ns.out), client, prompt, ns.n, delimiters=delimiters, tags=tags, temperature=ns.temperature,
+                   max_tokens=ns.max_tokens, concurrency=ns.concurrency, max_misses=ns.max_misses,
+                   progress=ns.progress)
+    print(f"{ns.out}: {r.total} documents ({r.new} new; skipped {r.duplicates} duplicates, {r.empty} empty, "
+          f"{r.failed} failed requests)")
+    print(f"fine-tune on it: gptforge finetune text --from BASE --finetune.data {ns.out} "
+          f"--finetune.delimiters '{ns.delimiters}'")
+
+
 def cmd_import_gpt2(ns) -> None:
     from gptforge.interop import import_gpt2
 
@@ -270,6 +440,7 @@ def cmd_serve(ns) -> None:
 
 COMMANDS = {"prepare": cmd_prepare, "train": cmd_train, "generate": cmd_generate, "quickstart": cmd_quickstart,
             "finetune": cmd_finetune, "merge-lora": cmd_merge_lora,
+            "classify": cmd_classify, "chat": cmd_chat, "judge": cmd_judge, "synth": cmd_synth,
             "import-gpt2": cmd_import_gpt2, "export-hf": cmd_export_hf, "eval": cmd_eval, "serve": cmd_serve}
 
 

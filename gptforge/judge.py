@@ -105,7 +105,7 @@ class ChatClient:
                 detail = _error_detail(e)
                 if e.code in (401, 403):
                     raise UserError(f"{self.endpoint} refused the request (HTTP {e.code}: {detail}); "
-                                    "check --api-key") from None
+                                    "check --api_key") from None
                 if e.code == 404:
                     raise UserError(f"{self.endpoint} answered 404 ({detail}); check the model name and that "
                                     "the endpoint is the API base, e.g. http://localhost:11434/v1") from None

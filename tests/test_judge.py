@@ -188,7 +188,7 @@ def test_api_key_is_sent_as_bearer_and_rejection_is_clear(stub, tmp_path):
     judge_file(path, stub.url, "m", **FAST)
     assert "Authorization" not in stub.requests[1]["headers"]
     stub.reply = lambda body: 401
-    with pytest.raises(UserError, match="HTTP 401.*check --api-key"):
+    with pytest.raises(UserError, match="HTTP 401.*check --api_key"):
         judge_file(path, stub.url, "m", **FAST)
     stub.reply = lambda body: 404
     with pytest.raises(UserError, match="404.*API base"):

@@ -22,4 +22,5 @@ def test_quickstart_end_to_end(tmp_path, capsys):
         assert (run_dir / name).is_file(), name
     vals = [r["val_loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
             if "val_loss" in r]
-    assert vals and vals[-1] < 3.3  # below uniform over ~85 characters (4.44): it learned something
+    # below uniform over ~85 characters (4.44): it learned something, even in the minimum of 50 steps
+    assert vals and vals[-1] < 3.6

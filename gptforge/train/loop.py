@@ -137,6 +137,8 @@ def train_loop(model: GPT, tokenizer: Tokenizer, train_batches: BatchSource,
             metrics.truncate_after(step)
         runtime.print(f"resuming from {resume_from} at step {step}")
 
+    if tc.activation_checkpointing:  # here, so every mode (pretraining, each fine-tuning) gets it
+        raw_model.set_activation_checkpointing(True)
     if tc.compile:
         model = torch.compile(model)
     if runtime.distributed:

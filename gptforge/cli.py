@@ -80,6 +80,7 @@ def build_parser() -> ArgumentParser:
     ft.add_argument("mode", type=str, help="text, classify, instruct or chat.")
     ft.add_argument("--from", dest="base", type=str, required=True,
                     help="Base checkpoint or run directory (e.g. one made by train or import-gpt2).")
+    ft.add_argument("--data", type=Optional[str], default=None, help="Training data (same as --finetune.data).")
     ft.add_class_arguments(FinetuneConfig, "finetune")
     ft.add_class_arguments(TrainConfig, "train")
     ft.add_class_arguments(SampleConfig, "sample")
@@ -271,8 +272,8 @@ def cmd_quickstart(ns) -> None:
 def cmd_finetune(ns) -> None:
     from gptforge.train.finetune import run_finetune
 
-    result = run_finetune(ns.mode, ns.base, FinetuneConfig(**vars(ns.finetune)), TrainConfig(**vars(ns.train)),
-                          SampleConfig(**vars(ns.sample)))
+    finetune = FinetuneConfig(**{**vars(ns.finetune), **({"data": ns.data} if ns.data else {})})
+    result = run_finetune(ns.mode, ns.base, finetune, TrainConfig(**vars(ns.train)), SampleConfig(**vars(ns.sample)))
     loop = result.loop
     val = f", best val loss {loop.best_val_loss:.4f}" if loop.best_val_loss is not None else ""
     print(f"done: step {loop.step}, train loss {loop.train_loss:.4f}{val}, {loop.elapsed_s:.1f}s; "

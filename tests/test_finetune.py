@@ -195,5 +195,6 @@ def test_resuming_a_run_in_another_mode_is_refused(base, slices, tmp_path):
     run = tmp_path / "run"
     assert finetune("text", base, slices / "plays.txt", run, "--finetune.epochs", "0",
                     "--train.max_steps", "2").returncode == 0
-    res = finetune("instruct", base, slices / "alpaca.json", run)
+    res = run_cli("finetune", "instruct", "--from", str(base), "--data", str(slices / "alpaca.json"),
+                  "--train.run_dir", str(run), "--train.device", "cpu")  # --data: short for --finetune.data
     assert res.returncode == 2 and "holds a text run" in res.stderr

@@ -55,7 +55,9 @@ def run_finetune(mode: str, base: str, ft: FinetuneConfig, tc: TrainConfig,
         if ft.lr_sweep and run_checkpoint(Path(tc.run_dir), "latest") is None:
             sweep = lr_sweep(mode, base, ft, tc, sample, runtime)
             tc = dataclasses.replace(tc, lr=min(sweep, key=lambda r: r["val_loss"])["lr"])
-            runtime.print(f"lr sweep: continuing with lr {tc.lr:g}")
+            edge = " (the edge of the range tried: a rate beyond it may be better)" \
+                if tc.lr in (min(ft.lr_sweep), max(ft.lr_sweep)) and len(ft.lr_sweep) > 2 else ""
+            runtime.print(f"lr sweep: continuing with lr {tc.lr:g}{edge}")
         result = _finetune_once(mode, base, ft, tc, sample, runtime)
         result.sweep = sweep
         return result

@@ -64,6 +64,12 @@ def grad_accum_steps(cfg: RunConfig, world_size: int) -> int:
     return cfg.train.tokens_per_step // per_micro
 
 
+def batch_tokens(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Tokens a batch trains on, for throughput: positions with a target (padding and masked prompts of
+    fine-tuning batches excluded; every position in pretraining), or a classifier's real input tokens."""
+    return (y != -100).sum() if y.dim() == 2 else (x >= 0).sum()
+
+
 def rng_state() -> dict:
     state = {"torch": torch.get_rng_state().tolist(), "python": _jsonable(random.getstate())}
     if torch.cuda.is_available():
@@ -122,12 +128,13 @@ def train_loop(model: GPT, tokenizer: Tokenizer, train_batches: BatchSource,
     accum = grad_accum_steps(cfg, runtime.world_size)
     tokens_per_step = tc.micro_batch_size * cfg.model.block_size * runtime.world_size * accum
 
-    step, best_val, evals_since_best, elapsed_before = 0, None, 0, 0.0
+    step, best_val, evals_since_best, elapsed_before, tokens_total = 0, None, 0, 0.0, 0
     metrics = MetricsLog(run_dir / "metrics.jsonl")
     if resume_from is not None:
         state = load_trainer_state(resume_from, optimizer)
         step, best_val = state["step"], state["best_val_loss"]
         evals_since_best, elapsed_before = state["evals_since_best"], state["elapsed_s"]
+        tokens_total = state.get("tokens", step * tokens_per_step)
         train_batches.load_state_dict(state["train_batches"])
         if "scaler" in state:
             scaler.load_state_dict(state["scaler"])
@@ -151,7 +158,9 @@ def train_loop(model: GPT, tokenizer: Tokenizer, train_batches: BatchSource,
         return {"step": step, "best_val_loss": best_val, "evals_since_best": evals_since_best,
                 "elapsed_s": elapsed_before + (time.time() - t_start), "world_size": runtime.world_size,
                 "train_batches": train_batches.state_dict(), "rng": rng_state(),
-                "scaler": scaler.state_dict(), "tokens_per_step": tokens_per_step}
+                "scaler": scaler.state_dict(), "tokens_per_step": tokens_per_step,
+                # tokens not yet logged count too (other ranks' assumed equal), so a resumed run's total matches
+                "tokens": tokens_total + int(tokens_since_log.item()) * runtime.world_size}
 
     def save_latest() -> None:
         if runtime.is_main:
@@ -168,7 +177,7 @@ def train_loop(model: GPT, tokenizer: Tokenizer, train_batches: BatchSource,
     bar = tqdm(total=tc.max_steps, initial=step, disable=not (tc.progress and runtime.is_main),
                unit="step", dynamic_ncols=True, desc="train")
     t_start = time.time()
-    t_log, tokens_since_log = time.time(), 0
+    t_log, tokens_since_log = time.time(), torch.zeros((), device=runtime.device, dtype=torch.long)
     last_val, loss_value, tok_s, stopped_early = None, float("nan"), 0.0, False
     model.train()
     try:
@@ -189,6 +198,7 @@ def train_loop(model: GPT, tokenizer: Tokenizer, train_batches: BatchSource,
                     loss = loss / accum
                     scaler.scale(loss).backward()
                 loss_sum += loss.detach()
+                tokens_since_log += batch_tokens(x, y)  # stays on the device: no sync per step
             if tc.grad_clip > 0:
                 scaler.unscale_(optimizer)
                 grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), tc.grad_clip)
@@ -198,7 +208,6 @@ def train_loop(model: GPT, tokenizer: Tokenizer, train_batches: BatchSource,
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            tokens_since_log += tokens_per_step
             bar.update(1)
 
             last_step = step == tc.max_steps
@@ -210,10 +219,15 @@ def train_loop(model: GPT, tokenizer: Tokenizer, train_batches: BatchSource,
                     raise UserError(f"loss became {loss_value} at step {step}; lower train.lr "
                                     "or use --train.dtype float32, then resume or start a new run")
                 now = time.time()
-                tok_s = tokens_since_log / max(now - t_log, 1e-9)
-                t_log, tokens_since_log = now, 0
+                if runtime.distributed:
+                    dist.all_reduce(tokens_since_log)
+                counted = int(tokens_since_log.item())
+                tokens_total += counted
+                tok_s = counted / max(now - t_log, 1e-9)
+                t_log = now
+                tokens_since_log.zero_()
                 record = {"step": step, "loss": round(loss_value, 5), "lr": lr, "tok_per_s": round(tok_s),
-                          "tokens": step * tokens_per_step,
+                          "tokens": tokens_total,
                           "elapsed_s": round(elapsed_before + now - t_start, 2)}
                 if grad_norm is not None:
                     record["grad_norm"] = round(float(grad_norm), 4)

@@ -53,7 +53,7 @@ def plot_losses(records: list[dict[str, Any]], path: Path) -> None:
     if val:
         ax.plot(*zip(*val), label="validation", marker="o", markersize=3)
     ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats/token)")
+    ax.set_ylabel("loss (nats per target)")  # per token for language modelling, per example for classify
     ax.grid(alpha=0.3)
     ax.legend()
     if task_keys:

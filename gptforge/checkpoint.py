@@ -140,6 +140,10 @@ def _base_state(path: Path, meta: dict, config: ModelConfig) -> dict[str, torch.
     if not is_checkpoint(base):
         raise UserError(f"{path} holds LoRA adapters for the base model {base}, which is missing; restore "
                         "it, or use a checkpoint merged with `gptforge merge-lora`")
+    if meta.get("base_fingerprint") not in (None, base_fingerprint(base)):
+        raise UserError(f"{path} holds LoRA adapters for the base model {base}, whose weights have changed since "
+                        "(e.g. a run's checkpoints/best moved on); fine-tune from a fixed copy of the base, or "
+                        "merge adapters with `gptforge merge-lora` while the base is unchanged")
     base_model, _, _ = load_model(base, "cpu")
     if base_model.config.vocab_size != config.vocab_size:
         base_model.grow_vocab(config.vocab_size)  # as fine-tuning did: same rows, same init
@@ -196,6 +200,20 @@ def unflatten_optimizer_state(tensors: dict[str, torch.Tensor], layout: dict) ->
         state[int(idx)] = {name: tensors[v["tensor"]] if "tensor" in v else v["value"]
                            for name, v in entry.items()}
     return {"state": state, "param_groups": layout["param_groups"]}
+
+
+def base_fingerprint(path: Path) -> str:
+    """Identifies a checkpoint's weights cheaply (no hashing of gigabytes): step, creation time, file size."""
+    meta = read_meta(path)
+    return f"{meta.get('step')}:{meta.get('created')}:{(Path(path) / WEIGHTS).stat().st_size}"
+
+
+def refuse_to_replace(out: Path, keeps: tuple[str, ...], what: str) -> None:
+    """An existing non-empty folder is only replaced when it holds one of `keeps` (a previous output):
+    write_dir_atomically swaps the whole folder, and a mistyped --out must not delete someone's files."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not any((out / k).exists() for k in keeps))):
+        raise UserError(f"{out} exists and is not {what}; choose a new or empty --out folder")
 
 
 # --- finding checkpoints ----------------------------------------------------------------------

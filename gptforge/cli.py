@@ -381,7 +381,8 @@ def cmd_judge(ns) -> None:
 
 def cmd_synth(ns) -> None:
     from gptforge.judge import ChatClient
-    from gptforge.synth import parse_delimiters, synthesize
+    from gptforge.data.finetune import parse_delimiters
+    from gptforge.synth import synthesize
 
     try:
         prompt = Path(ns.prompt_file).read_text(encoding="utf-8")

@@ -211,6 +211,16 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether `error` is running out of (GPU or host) memory: torch's OutOfMemoryError, or a RuntimeError
+    whose message says so (CPU allocations, older CUDA paths)."""
+    import torch  # lazily, as everywhere here; whoever caught a torch error has it loaded already
+
+    message = str(error)
+    return isinstance(error, torch.OutOfMemoryError) or "can't allocate memory" in message \
+        or "out of memory" in message
+
+
 def human_count(n: float) -> str:
     for unit in ("", "K", "M", "B"):
         if abs(n) < 1000:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from gptforge.common import UserError
+from gptforge.common import UserError, atomic_write_text
 
 RUBRIC = ("Given the input `{input}` and correct output `{reference}`, score the model response "
           "`{response}` on a scale from 0 to 100, where 100 is the best score. "
@@ -206,24 +206,23 @@ def judge_file(responses: Path, endpoint: str, model: str, *, api_key: Optional[
     from tqdm.auto import tqdm
 
     results: list[dict] = []
-    with ThreadPoolExecutor(max_workers=concurrency) as pool, \
-            tqdm(total=len(items), desc="judging", unit="item", disable=not progress, dynamic_ncols=True) as bar:
-        futures = [pool.submit(judge_item, client, item) for _, item in items]
-        try:
+    # no `with`: its exit would wait for the requests in flight, also after a failure that ends the run
+    pool = ThreadPoolExecutor(max_workers=concurrency)
+    try:
+        with tqdm(total=len(items), desc="judging", unit="item", disable=not progress, dynamic_ncols=True) as bar:
+            futures = [pool.submit(judge_item, client, item) for _, item in items]
             for future in futures:
-                results.append(future.result())
+                try:
+                    results.append(future.result())
+                except EndpointUnreachable as e:
+                    raise UserError(f"cannot reach {client.endpoint} ({e}) after {retries + 1} attempts; "
+                                    "is the server running?") from None
                 bar.update(1)
-        except EndpointUnreachable as e:
-            pool.shutdown(wait=False, cancel_futures=True)
-            raise UserError(f"cannot reach {client.endpoint} ({e}) after {retries + 1} attempts; "
-                            "is the server running?") from None
-        except BaseException:
-            pool.shutdown(wait=False, cancel_futures=True)
-            raise
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)  # a finished run has nothing left; a failed one stops
     if out is not None:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text("".join(json.dumps({**item, **result}, ensure_ascii=False) + "\n"
-                                     for (_, item), result in zip(items, results)), encoding="utf-8")
+        atomic_write_text(Path(out), "".join(json.dumps({**item, **result}, ensure_ascii=False) + "\n"
+                                             for (_, item), result in zip(items, results)))
     lines = [number for number, _ in items]
     return {"file": str(responses), "model": model, "endpoint": client.endpoint, **summarize(results, lines)}
 

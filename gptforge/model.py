@@ -210,9 +210,11 @@ class GPT(nn.Module):
         return self.transformer.ln_f(x)
 
     def grow_vocab(self, vocab_size: int) -> None:
-        """Make room for new tokens (e.g. chat roles added to the tokenizer). New rows start at the mean of
-        the existing embeddings, a neutral point the model already reads sensibly (random rows would
-        start with arbitrary, often large logits); padding rows stay zero."""
+        """Make room for new tokens (e.g. chat roles added to the tokenizer). New rows start near the mean
+        of the existing embeddings, a point the model already reads sensibly (rows drawn at GPT-2's init
+        scale would start with arbitrary logits), each nudged apart by a small fixed-seed offset so the
+        new tokens are distinguishable even when the embedding stays frozen (LoRA); the same call always
+        gives the same rows, so adapter checkpoints can rebuild them. Padding rows stay zero."""
         old_vocab, C = self.config.vocab_size, self.config.n_embd
         if vocab_size < old_vocab:
             raise ValueError(f"cannot shrink the vocabulary from {old_vocab} to {vocab_size}")
@@ -222,7 +224,10 @@ class GPT(nn.Module):
         def grown(weight: torch.Tensor) -> nn.Parameter:
             new = torch.zeros(padded, C, device=weight.device, dtype=weight.dtype)  # (V_padded, C)
             new[:old_vocab] = weight.data[:old_vocab]
-            new[old_vocab:vocab_size] = weight.data[:old_vocab].mean(dim=0)
+            existing = weight.data[:old_vocab].float()  # (V_old, C)
+            seed = torch.Generator().manual_seed(old_vocab * 1_000_003 + vocab_size)
+            offsets = torch.randn(vocab_size - old_vocab, C, generator=seed) * existing.std(dim=0) * 0.1
+            new[old_vocab:vocab_size] = (existing.mean(dim=0) + offsets.to(existing.device)).to(weight.dtype)
             return nn.Parameter(new, requires_grad=weight.requires_grad)
 
         tied = self.lm_head.weight is self.transformer.wte.weight
@@ -269,7 +274,7 @@ class GPTClassifier(GPT):
         nn.init.normal_(self.classifier.weight, mean=0.0, std=0.02)
         nn.init.zeros_(self.classifier.bias)
 
-    def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None, **_):
+    def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None):
         """idx (B, T) ids, -1 = padding -> (class logits (B, n_classes), loss or None); targets (B,)."""
         real = idx >= 0  # (B, T)
         last = real.sum(dim=1).clamp(min=1) - 1  # (B,) index of each row's last real token

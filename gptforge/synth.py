@@ -30,9 +30,9 @@ from pathlib import Path
 from typing import Optional, Sequence, TextIO
 
 from gptforge.common import UserError, atomic_write_text
-from gptforge.data.finetune import read_text_corpus
+from gptforge.data.finetune import (check_document_tag, document_block, opening_stem, read_text_corpus,
+                                    takes_tags)
 from gptforge.judge import ChatClient, EndpointUnreachable, RequestFailed
-from gptforge.prompts import tag_token
 
 TAG_FIELD = "{tag}"
 
@@ -49,25 +49,9 @@ class SynthReport:
     failed: int = 0  # requests that failed for good (timeouts, server errors after retries)
 
 
-def parse_delimiters(spec: str) -> tuple[str, str]:
-    """'<LOC>,</LOC>' -> ('<LOC>', '</LOC>')."""
-    parts = [p.strip() for p in spec.split(",")]
-    if len(parts) != 2 or not all(parts):
-        raise UserError(f"--delimiters takes 'OPEN,CLOSE' (e.g. '<LOC>,</LOC>'), got {spec!r}")
-    return parts[0], parts[1]
-
-
 def normalise(text: str) -> str:
     """The duplicate key: the same words in the same order, whatever the spacing or case."""
     return " ".join(text.split()).casefold()
-
-
-def document_block(doc: str, tag: Optional[str], delimiters: tuple[str, str]) -> str:
-    """One document as the file holds it; a tag goes into the opening (`<LOC tag="dark">`), which is where
-    the text mode's reader takes it from."""
-    open_delim, close_delim = delimiters
-    opening = open_delim if tag is None else f'{open_delim[:-1]} tag="{tag}">'
-    return f"{opening}\n{doc}\n{close_delim}\n\n"
 
 
 def extract_document(reply: str, delimiters: tuple[str, str]) -> Optional[str]:
@@ -75,22 +59,13 @@ def extract_document(reply: str, delimiters: tuple[str, str]) -> Optional[str]:
     its answer in them (prompts often show the format). None when nothing usable is left."""
     open_delim, close_delim = delimiters
     text = reply.strip()
-    stem = _stem(open_delim)
+    stem = opening_stem(open_delim)
     start = re.search(re.escape(stem) + (r"[^>\n]*>" if stem != open_delim else ""), text)
     if start is not None and close_delim in text[start.end():]:
         text = text[start.end():text.index(close_delim, start.end())].strip()
     if not text or stem in text or close_delim in text:
         return None
     return text
-
-
-def _is_tag(delim: str) -> bool:
-    return delim.startswith("<") and delim.endswith(">")
-
-
-def _stem(open_delim: str) -> str:
-    """What every opening starts with: '<LOC' for '<LOC>' (which may carry a tag), else the delimiter."""
-    return open_delim[:-1] if _is_tag(open_delim) else open_delim
 
 
 def load_existing(out: Path, delimiters: tuple[str, str], log: TextIO = sys.stderr) -> list:
@@ -106,7 +81,7 @@ def load_existing(out: Path, delimiters: tuple[str, str], log: TextIO = sys.stde
     end = text.rfind(close_delim)
     head = text[:end + len(close_delim)] if end >= 0 else ""
     tail = text[len(head):].strip()
-    stem = _stem(open_delim)
+    stem = opening_stem(open_delim)
     if tail and (stem in tail or stem.startswith(tail)):
         atomic_write_text(out, head + "\n" if head else "")
         print(f"synth: removed an unfinished document at the end of {out} (an interrupted write)", file=log)
@@ -185,8 +160,8 @@ def _check_args(prompt: str, n: int, delimiters: tuple[str, str], tags: list[str
     if n < 1 or concurrency < 1 or max_misses < 1:
         raise UserError("n, concurrency and max_misses must be >= 1")
     for tag in tags:
-        tag_token(tag)  # the same rule the text mode applies when it reads the tag back
-    if tags and not _is_tag(delimiters[0]):
+        check_document_tag(tag)  # the rule the text mode's reader applies to the tags it reads back
+    if tags and not takes_tags(delimiters[0]):
         raise UserError(f"tags are written into the opening delimiter (<LOC tag=\"x\">), so it must look like "
                         f"<NAME>; got {delimiters[0]!r}")
     if bool(tags) != (TAG_FIELD in prompt):

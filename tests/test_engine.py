@@ -11,7 +11,8 @@ from gptforge.common import UserError
 from gptforge.config import ModelConfig, SampleConfig, resolve_model_config
 from gptforge.engine import (WINDOW_KEEP_FRACTION, Engine, SamplingParams, presence_mask, process_logits,
                              sample_next)
-from gptforge.model import GPT
+from gptforge.engine.batch import DecodeBatch
+from gptforge.model import GPT, GPTClassifier
 from gptforge.textgen import generate_text, stream_text
 from gptforge.tokenizer import build_tokenizer
 
@@ -306,3 +307,77 @@ def test_text_layer_checks():
         stream_text(tiny_model(0), tok, ["x" * 100], SampleConfig(max_new_tokens=3))
     out = generate_text(tiny_model(0), tok, ["x" * 100], SampleConfig(max_new_tokens=3, seed=0), truncate="left")
     assert len(out) == 1
+
+
+# --- row cap (max_batch_rows), classifier checkpoints ------------------------------------------------------
+MANY = [[(7 * i + j) % 250 + 1 for j in range(1 + (3 * i) % 11)] for i in range(10)]  # 1..11 tokens each
+
+
+def rows_held(monkeypatch):
+    """Spy on DecodeBatch: the rows running and the buffer rows allocated at every sampling step."""
+    seen = {"running": 0, "buffer": 0, "steps": 0}
+    sample = DecodeBatch._sample
+
+    def spy(self, rows, logits):
+        seen["running"] = max(seen["running"], len(self.running))
+        seen["buffer"] = max(seen["buffer"], self.k.shape[1] if self.k is not None else 0)
+        seen["steps"] += 1
+        return sample(self, rows, logits)
+
+    monkeypatch.setattr(DecodeBatch, "_sample", spy)
+    return seen
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_row_cap_admits_rows_as_others_end_and_changes_no_greedy_output(monkeypatch, use_cache):
+    model = tiny_model(5)  # block_size 64: 11 + 30 tokens fit, so no row ever slides
+    uncapped = Engine(model, max_batch_rows=None).generate(MANY, SamplingParams(max_new_tokens=30, **GREEDY))
+    stop = uncapped[4][9]  # rows end at different steps: finished rows free their place for waiting ones
+    params = SamplingParams(max_new_tokens=30, stop_token_ids={stop}, **GREEDY)
+    reference = Engine(model, max_batch_rows=None).generate(MANY, params, use_cache=use_cache)
+    assert len({len(r) for r in reference}) > 2
+    held = rows_held(monkeypatch)
+    capped = Engine(model, max_batch_rows=3)
+    assert capped.generate(MANY, params, use_cache=use_cache) == reference  # in prompt order
+    assert held["running"] == 3 and held["buffer"] <= 3
+    assert held["steps"] > 30  # rows ran one after another, not all at once
+    steps = list(capped.stream(MANY, params, use_cache=use_cache))
+    assert all(len(s.tokens) == len(MANY) and sum(t is not None for t in s.tokens) <= 3 for s in steps)
+    assert all(why is not None for why in steps[-1].finished)
+
+
+def test_row_cap_with_seeded_samples(monkeypatch):
+    engine = Engine(tiny_model(0, gain=0))  # GPT-2 init: a flat-ish next-token distribution
+    rows = [p for p in MANY[:4] for _ in range(3)]  # 3 samples of each prompt, as textgen's num_samples
+    params = SamplingParams(max_new_tokens=20, temperature=1.0, seed=7)
+    # Under the default cap (64) nothing changes: the same rows, the same one generator, the same draws.
+    assert engine.generate(rows, params) == Engine(engine.model, max_batch_rows=None).generate(rows, params)
+    # Over the cap the call still draws from one generator seeded once: reproducible, and the samples of
+    # one prompt stay different (no per-chunk generator restarting from the same seed).
+    held = rows_held(monkeypatch)
+    capped = Engine(engine.model, max_batch_rows=3)
+    first = capped.generate(rows, params)
+    assert held["running"] == 3
+    assert first == capped.generate(rows, params)
+    assert all(len(r) == 20 for r in first)
+    for i in range(4):
+        assert len({tuple(r) for r in first[3 * i:3 * i + 3]}) == 3
+
+
+def test_cancel_drops_started_and_waiting_rows():
+    engine = Engine(tiny_model(0))
+    batch = DecodeBatch(engine, max_rows=2)
+    gid = batch.add(MANY[:5], SamplingParams(max_new_tokens=10, **GREEDY))
+    out = batch.step()[gid]
+    assert len(batch.running) == 2 and batch.n_rows == 5 and out.tokens[2:] == [None] * 3
+    batch.cancel(gid)
+    assert batch.n_rows == 0 and batch.k is None and not batch.is_running(gid)
+    with pytest.raises(UserError, match="max_batch_rows"):
+        Engine(engine.model, max_batch_rows=0)
+
+
+def test_classifier_checkpoint_is_refused_by_the_engine():
+    classifier = GPTClassifier(ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=16, vocab_size=50), 2)
+    with pytest.raises(UserError, match="classifier.*gptforge classify"):
+        Engine(classifier)
+

@@ -17,7 +17,8 @@ from gptforge.data.prepare import load_manifest, prepare
 from gptforge.eval import (TASKS, ChoiceExample, ChoiceScore, choice_metrics, evaluate_lm, harness_preprocess,
                            run_task, score_choices, score_choices_one_by_one, window_plan)
 from gptforge.eval import tasks as tasks_mod
-from gptforge.model import GPT
+from gptforge.eval.runtime import evaluating
+from gptforge.model import GPT, GPTClassifier
 from gptforge.tokenizer import ByteTokenizer, CharTokenizer, GPT2Tokenizer
 from helpers import run_cli
 
@@ -243,6 +244,22 @@ def test_piqa_adapter_from_jsonl_and_arrow(tmp_path):
     assert run_task(model, tok, "piqa", data=write_jsonl(tmp_path / "two.jsonl", rows), limit=2)["n"] == 2
 
 
+def test_load_choice_examples_checks_the_task_and_limit(tmp_path):
+    from gptforge.eval.run import load_choice_examples
+
+    rows = [{"goal": "Open a jar", "sol1": "Twist the lid.", "sol2": "Eat the lid.", "label": 0},
+            {"goal": "Dry hair", "sol1": "Use water.", "sol2": "Use a towel.", "label": 1}]
+    path = write_jsonl(tmp_path / "piqa.jsonl", rows)
+    assert load_choice_examples(" PIQA ", path) == TASKS["piqa"].examples(rows)
+    assert load_choice_examples("piqa", path, limit=1, prompt_format="plain") == TASKS["piqa"].examples(rows[:1], "plain")
+    with pytest.raises(UserError, match="unknown task 'mmlu'"):
+        load_choice_examples("mmlu", path)
+    with pytest.raises(UserError, match="loss is not a multiple-choice task"):
+        load_choice_examples("loss", path)
+    with pytest.raises(UserError, match="limit must be positive"):
+        load_choice_examples("piqa", path, limit=0)
+
+
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # raised inside torch's own compile imports
 def test_compiled_and_training_models_are_evaluated_unwrapped(tmp_path):
     model, tok = tiny_model(block_size=64, dropout=0.5), ByteTokenizer()  # train mode would be random
@@ -368,3 +385,16 @@ def test_cli_loss_table_and_several_tasks(byte_checkpoint, tmp_path, capsys):
     assert len((tmp_path / "p.hellaswag.jsonl").read_text().splitlines()) == 4
     assert (tmp_path / "p.piqa.jsonl").is_file()
     fails_with(capsys, ["eval", str(byte_checkpoint), "--task", "loss", "--data", f"piqa={piqa}"], "not in --task")
+
+
+def test_classifier_checkpoint_is_one_clear_error():
+    classifier = GPTClassifier(ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=16, vocab_size=50), 2)
+    with pytest.raises(UserError, match="classifier.*gptforge classify"):
+        with evaluating(classifier):
+            pass
+    wrapped = torch.nn.Module()
+    wrapped.module = classifier  # DDP-wrapped: found after unwrapping
+    example = ChoiceExample("a", ("b", "c"), 0)
+    with pytest.raises(UserError, match="classifier"):
+        score_choices(wrapped, CharTokenizer.train(["abc"]), [example])
+

@@ -143,6 +143,27 @@ def test_lora_checkpoints_hold_adapters_only_and_merge_exactly(base, slices, tmp
         torch.testing.assert_close(merged.eval()(idx)[0], adapted.eval()(idx)[0], atol=1e-5, rtol=0)
         assert not torch.allclose(merged(idx)[0], load_model(base)[0].eval()(idx)[0])  # adapters did something
 
+    # export-hf folds the adapters in (transformers has none); import brings back the adapted model
+    exported, reimported = tmp_path / "hf", tmp_path / "back"
+    assert run_cli("export-hf", str(run), "--out", str(exported)).returncode == 0
+    assert run_cli("import-gpt2", str(exported), "--out", str(reimported)).returncode == 0
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(reimported)[0].eval()(idx)[0], adapted(idx)[0], atol=1e-5, rtol=0)
+
+    # a mistyped --out never deletes someone's folder; adapters refuse a base that changed under them
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("keep me")
+    res = run_cli("merge-lora", str(run), "--out", str(tmp_path / "notes"))
+    assert res.returncode == 2 and (tmp_path / "notes" / "todo.txt").exists()
+    meta_path = run / "checkpoints" / "best" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta_path.write_text(json.dumps({**meta, "base_fingerprint": "0:earlier:1"}))
+    res = run_cli("generate", str(run), "--sample.max_new_tokens", "2")
+    assert res.returncode == 2 and "have changed" in res.stderr
+    # and a LoRA checkpoint is not a base to fine-tune from: merge it first
+    res = finetune("text", run / "checkpoints" / "latest", slices / "plays.txt", tmp_path / "again")
+    assert res.returncode == 2 and "merge-lora" in res.stderr
+
 
 def test_lora_resume_after_sigkill_is_bitwise_identical(base, slices, tmp_path):
     args = ["--finetune.epochs", "3", "--finetune.evals_per_epoch", "4", "--finetune.lora_rank", "4",

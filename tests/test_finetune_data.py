@@ -11,8 +11,8 @@ import torch
 from gptforge.common import UserError
 from gptforge.data.batches import (ClassifyBatches, PackedTextBatches, SFTBatches, encode_conversations,
                                    encode_instructions, encode_labeled, fit_sequence, pack_documents)
-from gptforge.data.finetune import (Document, LabeledText, read_conversations, read_instructions,
-                                    read_labeled, read_text_corpus, split_examples)
+from gptforge.data.finetune import (Document, LabeledText, document_block, parse_delimiters, read_conversations,
+                                    read_instructions, read_labeled, read_text_corpus, split_examples)
 from gptforge.prompts import alpaca_prompt
 from gptforge.tokenizer import ByteTokenizer, GPT2Tokenizer
 
@@ -206,6 +206,30 @@ def test_delimited_documents_with_tags(tmp_path):
                 + tok.encode("A shining hall.") + [eot])
     assert stream.tolist() == expected
     assert tok.encode_tagged("A", "dark") == [dark, ord("A")]
+
+
+def test_document_blocks_read_back_with_awkward_tags(tmp_path):
+    delims = parse_delimiters(" <LOC> , </LOC> ")
+    assert delims == ("<LOC>", "</LOC>")
+    docs = [Document("A cold crypt.", "dark & 'stormy' = night/2"), Document("Plain <b>text</b>.\n\nTwo parts."),
+            Document("A café.", "été, naïve")]
+    path = tmp_path / "locs.txt"
+    path.write_text("".join(document_block(d.text, d.tag, delims) for d in docs), encoding="utf-8")
+    assert read_text_corpus(path, delimiters=delims).documents == docs
+    for bad in ('say "hi"', "a>b", "a<b", "two\nlines", "a|b", " padded"):  # refused by the writer ...
+        with pytest.raises(UserError, match="invalid tag"):
+            document_block("A place.", bad, delims)
+    with pytest.raises(UserError, match="must look like <NAME>"):
+        document_block("A place.", "dark", ("###", "@@@"))
+    with pytest.raises(UserError, match="hold no <LOC> or </LOC>"):
+        document_block("A <LOC> inside.", None, delims)
+    path.write_text('<LOC tag="a>b">x</LOC>\n')  # ... and by the reader, naming the line
+    assert "locs.txt:1: invalid tag 'a>b'" in _error(read_text_corpus, path, delimiters=delims)
+    for opening in ('<LOC tag="say "hi"">', "<LOC tag=dark>", '<LOC tag="two\nlines">'):
+        path.write_text(f"intro\n{opening}x</LOC>\n")
+        assert "locs.txt:2: malformed opening" in _error(read_text_corpus, path, delimiters=delims)
+    with pytest.raises(UserError, match="--finetune.delimiters takes 'OPEN,CLOSE'"):
+        parse_delimiters("<LOC>", "--finetune.delimiters")
 
 
 def test_jsonl_documents_with_tags(tmp_path):

@@ -195,6 +195,16 @@ def test_api_key_is_sent_as_bearer_and_rejection_is_clear(stub, tmp_path):
         judge_file(path, stub.url, "m", **FAST)
 
 
+def test_a_rejection_does_not_wait_for_requests_in_flight(stub, tmp_path):
+    items = [{"instruction": f"item {i}", "output": "x", "response": "y"} for i in range(2)]
+    stub.reply = lambda body: 401 if "`item 0`" in prompt_of(body) else "hang"
+    start = time.monotonic()
+    with pytest.raises(UserError, match="HTTP 401"):
+        judge_file(write_jsonl(tmp_path / "r.jsonl", items), stub.url, "m", concurrency=2, timeout=5, retries=0,
+                   **FAST)
+    assert time.monotonic() - start < 3  # not the hanging request's 5 s timeout
+
+
 def test_concurrent_requests_keep_input_order(stub, tmp_path):
     items = [{"instruction": f"item {i}", "output": "x", "response": "y"} for i in range(12)]
 

@@ -129,6 +129,8 @@ def test_bad_arguments_are_user_errors(stub, tmp_path):
         run(stub, out, 2, prompt="A {tag} place.")
     with pytest.raises(UserError, match="invalid tag"):
         run(stub, out, 2, tags=["two words|"], prompt="A {tag} place.")
+    with pytest.raises(UserError, match="invalid tag"):  # the reader could not take it back from <LOC tag="...">
+        run(stub, out, 2, tags=['say "hi"'], prompt="A {tag} place.")
     out.write_text("some notes\n")
     with pytest.raises(UserError, match="holds text but no <LOC>...</LOC> documents"):
         run(stub, out, 2)

@@ -6,7 +6,10 @@ text (`read_text_corpus`): a .txt file or a folder of .txt files (sorted, recurs
   - documents="paragraph" (default): a blank line (one or more empty or whitespace-only lines) ends a
     document, and so does the end of a file. documents="file": each file is one document.
   - delimiters=("<LOC>", "</LOC>"): each span between the two is a document; text outside is ignored.
-    An opening delimiter written as a tag (`<LOC>`) may carry a control tag: `<LOC tag="dark">`.
+    An opening delimiter written as a tag (`<LOC>`) may carry a control tag: `<LOC tag="dark">`. A tag
+    is a control-token name (prompts.tag_token) that also holds no '"'; an opening that starts like a
+    tagged one but is not (`<LOC tag=dark>`, `<LOC tag="a"b">`) is an error. `document_block` writes
+    this format, `parse_delimiters` reads the 'OPEN,CLOSE' option.
   - .jsonl: one document per line, {"text": ..., "tag": ... (optional)} (field names configurable).
   Documents are stripped of surrounding whitespace; an empty one is an error naming its place.
 classify (`read_labeled`): .tsv, .csv, .jsonl or .json (a list of objects).
@@ -154,21 +157,75 @@ def _plain_documents(path: Path, rule: str) -> list[Document]:
     return [Document(part.strip()) for part in _BLANK_LINES.split(text) if part.strip()]
 
 
-def _opening_pattern(open_delim: str) -> re.Pattern:
-    """`<LOC>` also matches `<LOC tag="dark">` (group 1 = the tag); other delimiters match literally."""
-    if open_delim.startswith("<") and open_delim.endswith(">"):
-        return re.compile(re.escape(open_delim[:-1]) + r'(?:\s+tag="([^"\n]*)")?\s*>')
-    return re.compile(re.escape(open_delim) + "()")
+def parse_delimiters(spec: str, option: str = "--delimiters") -> tuple[str, str]:
+    """'<LOC>,</LOC>' -> ('<LOC>', '</LOC>'); `option` names the flag in the error."""
+    parts = [p.strip() for p in spec.split(",")]
+    if len(parts) != 2 or not all(parts):
+        raise UserError(f"{option} takes 'OPEN,CLOSE' (e.g. '<LOC>,</LOC>'), got {spec!r}")
+    return parts[0], parts[1]
+
+
+def takes_tags(open_delim: str) -> bool:
+    """Whether an opening delimiter can carry a tag: it is written as a tag itself, `<LOC>`."""
+    return open_delim.startswith("<") and open_delim.endswith(">")
+
+
+def opening_stem(open_delim: str) -> str:
+    """What every opening starts with: '<LOC' for '<LOC>' (which may carry a tag), else the delimiter."""
+    return open_delim[:-1] if takes_tags(open_delim) else open_delim
+
+
+def check_document_tag(tag: str, where: Optional[str] = None) -> str:
+    """A tag as a delimited file holds it (`<LOC tag="dark">`): a control-token name without '"'."""
+    try:
+        tag_token(tag)
+        if '"' in tag:
+            raise UserError(f"invalid tag {tag!r}: a tag written into an opening (<LOC tag=\"...\">) may "
+                            "not contain '\"'")
+    except UserError as e:
+        raise UserError(f"{where}: {e}" if where else str(e)) from None
+    return tag
+
+
+def document_block(text: str, tag: Optional[str], delimiters: Sequence[str]) -> str:
+    """One document as `read_text_corpus(..., delimiters=...)` reads it back: the opening (with the tag:
+    `<LOC tag="dark">`), the text, the closing and a blank line."""
+    open_delim, close_delim = delimiters
+    opening = open_delim
+    if tag is not None:
+        if not takes_tags(open_delim):
+            raise UserError(f"tags are written into the opening delimiter (<LOC tag=\"x\">), so it must look "
+                            f"like <NAME>; got {open_delim!r}")
+        opening = f'{opening_stem(open_delim)} tag="{check_document_tag(tag)}">'
+    candidate, _ = _opening_patterns(open_delim)
+    if not text.strip() or close_delim in text or candidate.search(text):
+        raise UserError(f"a document must be non-empty and hold no {open_delim} or {close_delim}, got {text[:40]!r}")
+    return f"{opening}\n{text}\n{close_delim}\n\n"
+
+
+def _opening_patterns(open_delim: str) -> tuple[re.Pattern, re.Pattern]:
+    """(where an opening starts, the whole opening with group 1 = the tag). `<LOC>` also matches
+    `<LOC tag="dark">`; other delimiters match literally (and carry no tag)."""
+    if not takes_tags(open_delim):
+        literal = re.compile(re.escape(open_delim) + "()")
+        return literal, literal
+    stem = re.escape(opening_stem(open_delim))
+    return re.compile(stem + r"(?=\s*>|\s+tag=)"), re.compile(stem + r'(?:\s+tag="([^"\n]*)")?\s*>')
 
 
 def _delimited_documents(path: Path, open_delim: str, close_delim: str) -> list[Document]:
     text = _read_text(path)
-    opening = _opening_pattern(open_delim)
+    candidate, opening = _opening_patterns(open_delim)
     docs, pos = [], 0
-    while (m := opening.search(text, pos)) is not None:
-        where = f"{path}:{text.count(chr(10), 0, m.start()) + 1}"
+    while (c := candidate.search(text, pos)) is not None:
+        where = f"{path}:{text.count(chr(10), 0, c.start()) + 1}"
+        m = opening.match(text, c.start())
+        if m is None:
+            shown = text[c.start():].split("\n", 1)[0][:60]
+            raise UserError(f'{where}: malformed opening {shown!r}; write {open_delim} or '
+                            f'{opening_stem(open_delim)} tag="name"> (a tag holds no \'"\' or line break)')
         end = text.find(close_delim, m.end())
-        nested = opening.search(text, m.end(), end if end >= 0 else len(text))
+        nested = candidate.search(text, m.end(), end if end >= 0 else len(text))
         if end < 0 or nested is not None:
             raise UserError(f"{where}: {m.group(0)} is not closed by {close_delim} before the next document")
         body = text[m.end():end].strip()
@@ -176,7 +233,7 @@ def _delimited_documents(path: Path, open_delim: str, close_delim: str) -> list[
             raise UserError(f"{where}: the document is empty; remove it or add text")
         tag = m.group(1)
         if tag is not None:
-            _check_tag(tag, where)
+            check_document_tag(tag, where)
         docs.append(Document(body, tag))
         pos = end + len(close_delim)
     if not docs:

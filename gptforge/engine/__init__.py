@@ -6,6 +6,10 @@ How decoding runs (`DecodeBatch`, which `Engine.stream` drives for a single call
 - Requests ("groups" of rows: several prompts, or n samples of one) join and leave a running batch
   between steps (continuous batching). Each step feeds one token per running row; rows that joined are
   prefilled in the same step, so they get their first token without waiting for the others to finish.
+- At most `max_batch_rows` rows run at once (the key/value buffers grow with it); the rest of a call's
+  rows wait and start, in prompt order, as running rows end. A call's rows share one random generator,
+  so a seeded call with more rows than the cap samples differently from an uncapped one (greedy rows
+  that fit their window do not change).
 - Rows sit LEFT-padded in one set of key/value buffers with a common write position; `pad_lens` masks each
   row's padding, and positions count from each row's first real token. A row joining with a prompt
   longer than the rows already there shifts their contents right; a finished row's buffer row is reused.
@@ -35,6 +39,7 @@ from gptforge.common import UserError
 from gptforge.engine.batch import SLIDE_MARGIN_FRACTION, WINDOW_KEEP_FRACTION, DecodeBatch
 from gptforge.engine.sampling import (SamplingParams, StepOutput, StopCheck, presence_mask, process_logits,
                                       sample_next)
+from gptforge.model import GPTClassifier
 
 __all__ = ["Engine", "DecodeBatch", "SamplingParams", "StepOutput", "StopCheck", "presence_mask",
            "process_logits", "sample_next", "WINDOW_KEEP_FRACTION", "SLIDE_MARGIN_FRACTION"]
@@ -49,9 +54,18 @@ class Engine:
     dtype: autocast dtype; float32 (default) means no autocast. On CPU, bf16 autocast re-casts the fp32
         weights every step (measured ~3x slower than fp32 for GPT-2 124M); a model cast to bf16 itself
         works too (the cache follows the weights' dtype).
+    max_batch_rows: the most rows (prompts x samples) one call decodes at once; the others wait for rows
+        to end. Bounds the key/value buffers (they grow with the rows running: thousands of prompts at once
+        would not fit in memory). None: no cap.
     """
 
-    def __init__(self, model: torch.nn.Module, device=None, dtype: torch.dtype = torch.float32):
+    def __init__(self, model: torch.nn.Module, device=None, dtype: torch.dtype = torch.float32,
+                 max_batch_rows: Optional[int] = 64):
+        if isinstance(getattr(model, "_orig_mod", model), GPTClassifier):  # also under torch.compile
+            raise UserError("this is a classifier checkpoint, not a language model; use `gptforge classify`")
+        if max_batch_rows is not None and (not isinstance(max_batch_rows, int) or max_batch_rows < 1):
+            raise UserError(f"max_batch_rows must be an integer >= 1 or None, got {max_batch_rows!r}")
+        self.max_batch_rows = max_batch_rows
         if device is not None:
             model = model.to(device)
         self.model = model.eval()
@@ -86,7 +100,7 @@ class Engine:
         chosen token's logprob and the n most likely alternatives (0: chosen token only).
         Bad input raises here, at the call, not at the first step.
         """
-        batch = DecodeBatch(self, use_cache=use_cache)
+        batch = DecodeBatch(self, use_cache=use_cache, max_rows=self.max_batch_rows)
         group = batch.add(prompts, params, stop_check, logprobs, truncate)
         return batch.outputs_of(group)
 

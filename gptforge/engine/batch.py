@@ -3,6 +3,7 @@ See `gptforge.engine` for how decoding runs."""
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator, Optional
 
@@ -102,12 +103,16 @@ class _Group:
 class DecodeBatch:
     """Rows of many generation requests decoded together, one token per running row per step. Requests
     (groups) join with `add` and leave when their rows end or on `cancel`, between any two steps.
+    max_rows caps the rows running at once (None: no cap): the rest wait, first come first served, and
+    start as running rows end, so the key/value buffers never hold more than max_rows rows.
     Not thread-safe: one thread adds, cancels and steps."""
 
-    def __init__(self, engine: Engine, use_cache: bool = True):
-        self.engine, self.use_cache = engine, use_cache
+    def __init__(self, engine: Engine, use_cache: bool = True, max_rows: Optional[int] = None):
+        if max_rows is not None and (not isinstance(max_rows, int) or max_rows < 1):
+            raise UserError(f"max_rows must be an integer >= 1 or None, got {max_rows!r}")
+        self.engine, self.use_cache, self.max_rows = engine, use_cache, max_rows
         self.groups: dict[int, _Group] = {}
-        self.waiting: list[_Group] = []  # added, prefilled at the next step
+        self.waiting: deque[_Row] = deque()  # added, not started yet: prefilled at a step with free rows
         self.running: list[_Row] = []  # rows in the buffers, in buffer-row order
         self.k = self.v = None  # (L, R, nh, C, hs) buffers, allocated while rows run
         self.pos = 0  # slots filled, common to all rows
@@ -117,7 +122,7 @@ class DecodeBatch:
     @property
     def n_rows(self) -> int:
         """Rows running or waiting to start."""
-        return len(self.running) + sum(len(g.rows) for g in self.waiting)
+        return len(self.running) + len(self.waiting)
 
     def add(self, prompts: list[list[int]], params: SamplingParams, stop_check: Optional[StopCheck] = None,
             logprobs: Optional[int] = None, truncate: Optional[str] = None) -> int:
@@ -132,7 +137,7 @@ class DecodeBatch:
             with torch.inference_mode():
                 group = _Group(gid, rows, params, stop_check, logprobs, vocab, self.engine.device)
             self.groups[gid] = group
-            self.waiting.append(group)
+            self.waiting.extend(group.rows)
         return gid
 
     def is_running(self, gid: int) -> bool:
@@ -143,11 +148,12 @@ class DecodeBatch:
         group = self.groups.pop(gid, None)
         if group is None:
             return
-        if group in self.waiting:
-            self.waiting.remove(group)
-        else:
+        if any(r.group is group for r in self.waiting):
+            self.waiting = deque(r for r in self.waiting if r.group is not group)
+        started = [r for r in group.rows if r.slot >= 0]
+        if started:
             with torch.inference_mode():  # the buffers are inference tensors
-                self._remove([r for r in group.rows if r.slot >= 0])
+                self._remove(started)
 
     def outputs_of(self, gid: int) -> Iterator[StepOutput]:
         """Step the batch until group `gid` has ended, yielding its output of each step."""
@@ -160,8 +166,9 @@ class DecodeBatch:
     def step(self) -> dict[int, StepOutput]:
         """One token for every running row (and the first one for rows that just joined); returns the
         output of each group that had rows this step. Groups whose rows have all ended are dropped."""
-        old, new = list(self.running), [r for g in self.waiting for r in g.rows]
-        self.waiting = []
+        old = list(self.running)
+        free = len(self.waiting) if self.max_rows is None else min(len(self.waiting), self.max_rows - len(old))
+        new = [self.waiting.popleft() for _ in range(free)]
         parts = []
         if old:
             parts.append(self._decode())
@@ -235,6 +242,8 @@ class DecodeBatch:
             return
         cfg = self.engine.config
         R2 = max(n_rows, 2 * R) if n_rows > R else R  # doubling: joins rarely reallocate
+        if self.max_rows is not None:
+            R2 = min(R2, max(n_rows, self.max_rows))  # never more rows than can run at once
         shape = (cfg.n_layer, R2, cfg.n_head, max(length, C), cfg.head_dim)
         # zeros, not empty: masked padding slots are still multiplied (by 0), and NaN * 0 is NaN
         k = torch.zeros(shape, device=self.engine.device, dtype=self.engine.cache_dtype)

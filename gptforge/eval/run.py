@@ -9,7 +9,7 @@ from typing import Optional, Sequence, Union
 import torch.nn as nn
 
 from gptforge.common import UserError, atomic_write_text
-from gptforge.eval.choice import choice_metrics, prediction_records, score_choices
+from gptforge.eval.choice import ChoiceExample, choice_metrics, prediction_records, score_choices
 from gptforge.eval.lm import evaluate_lm
 from gptforge.eval.runtime import DTypeLike
 from gptforge.eval.tasks import TASKS
@@ -33,6 +33,19 @@ def parse_tasks(spec: Union[str, Sequence[str]]) -> list[str]:
     if unknown:
         raise UserError(f"unknown task '{unknown[0]}'; choose from {', '.join(task_names())}")
     return names
+
+
+def load_choice_examples(task: str, data: Union[str, Path, None] = None, limit: Optional[int] = None,
+                         prompt_format: str = "harness") -> list[ChoiceExample]:
+    """A multiple-choice task's examples, ready for score_choices: `data` is a local file (default: the
+    official validation set, downloaded once); `limit` = the first N."""
+    [task] = parse_tasks([task])
+    if task not in TASKS:
+        raise UserError(f"{task} is not a multiple-choice task; choose from {', '.join(TASKS)}")
+    if limit is not None and limit < 1:
+        raise UserError(f"limit must be positive, got {limit}")
+    adapter = TASKS[task]
+    return adapter.examples(adapter.load(Path(data) if data is not None else None)[:limit], prompt_format)
 
 
 def run_task(model: nn.Module, tokenizer: Tokenizer, task: str, *, data: Union[str, Path, None] = None,
@@ -60,9 +73,7 @@ def run_task(model: nn.Module, tokenizer: Tokenizer, task: str, *, data: Union[s
         result = evaluate_lm(model, tokenizer, data, stride=stride, split=split, limit=limit,
                              batch_size=batch_size, device=device, dtype=dtype, progress=progress)
         return {**result, "task": task}
-    adapter = TASKS[task]
-    rows = adapter.load(Path(data) if data is not None else None)[:limit]
-    examples = adapter.examples(rows, prompt_format)
+    examples = load_choice_examples(task, data, limit, prompt_format)
     scores = score_choices(model, tokenizer, examples, batch_size=batch_size, device=device, dtype=dtype,
                            progress=progress)
     if predictions is not None:

@@ -14,7 +14,8 @@ from typing import Iterator, Optional, Union
 import torch
 import torch.nn as nn
 
-from gptforge.common import Runtime, pick_dtype
+from gptforge.common import Runtime, UserError, pick_dtype
+from gptforge.model import GPTClassifier
 
 DTypeLike = Union[torch.dtype, str, None]
 
@@ -67,6 +68,8 @@ def evaluating(model: nn.Module, device: Optional[Union[torch.device, str]] = No
     device: None keeps the model where it is; another device moves the model there (in place).
     dtype: autocast dtype (None/float32: none)."""
     model = unwrap_model(model)
+    if isinstance(model, GPTClassifier):  # its forward returns class logits, not next-token logits
+        raise UserError("this is a classifier checkpoint, not a language model; use `gptforge classify`")
     param = next(model.parameters())
     device = torch.device(device) if device is not None else param.device
     if param.device != device:

@@ -25,9 +25,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from gptforge.checkpoint import load_model
+from gptforge.checkpoint import load_model, refuse_to_replace
 from gptforge.common import UserError, write_dir_atomically
 from gptforge.config import ModelConfig
+from gptforge.lora import merge_lora
 from gptforge.model import GPT
 from gptforge.interop.hf_tokenizer import save_hf_tokenizer
 from gptforge.tokenizer import Tokenizer
@@ -251,7 +252,11 @@ def export_hf(checkpoint: Path, out: Path) -> Path:
     atomically: a failed export leaves any earlier folder as it was."""
     out = Path(out)
     refuse_to_replace(out, (CONFIG,), "a Hugging Face model folder")
-    model, tokenizer, _ = load_model(Path(checkpoint))
+    model, tokenizer, meta = load_model(Path(checkpoint))
+    if meta.get("lora"):
+        merge_lora(model)  # transformers knows no adapters: export the weights they amount to
+    if meta.get("classifier"):
+        raise UserError(f"{checkpoint} is a classifier; export-hf writes language models only")
     return write_hf_folder(out, model, tokenizer)
 
 
@@ -268,10 +273,3 @@ def write_hf_folder(out: Path, model: GPT, tokenizer: Tokenizer) -> Path:
 
     write_dir_atomically(out, fill)
     return out
-
-
-def refuse_to_replace(out: Path, keeps: tuple[str, ...], what: str) -> None:
-    """An existing non-empty folder is only replaced when it holds one of `keeps` (a previous output):
-    write_dir_atomically swaps the whole folder, and a mistyped --out must not delete someone's files."""
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not any((out / k).exists() for k in keeps))):
-        raise UserError(f"{out} exists and is not {what}; choose a new or empty --out folder")

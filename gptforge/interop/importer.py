@@ -19,10 +19,10 @@ import re
 from pathlib import Path
 from typing import Optional
 
-from gptforge.checkpoint import MODEL_CONFIG, TOKENIZER_DIR, save_checkpoint
+from gptforge.checkpoint import MODEL_CONFIG, TOKENIZER_DIR, refuse_to_replace, save_checkpoint
 from gptforge.common import UserError
 from gptforge.interop.hf import (SAFETENSORS, WEIGHT_FILES, is_hf_folder, model_config_from_hf, model_from_state,
-                                 read_hf_folder, refuse_to_replace, state_from_hf)
+                                 read_hf_folder, state_from_hf)
 from gptforge.interop.hf_tokenizer import tokenizer_from_hf_folder
 from gptforge.interop.openai_tf import is_openai_folder, read_openai_folder
 from gptforge.tokenizer import GPT2Tokenizer, Tokenizer, build_tokenizer, load_tokenizer

@@ -16,11 +16,10 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Optional
 
-from gptforge.common import UserError
+from gptforge.common import UserError, is_out_of_memory
 from gptforge.engine import DecodeBatch, Engine, SamplingParams, StepOutput
 from gptforge.textgen import TextRows
 from gptforge.tokenizer import Tokenizer
-from gptforge.train.loop import is_out_of_memory
 
 log = logging.getLogger("gptforge.serve")
 

@@ -17,7 +17,8 @@ from typing import Optional
 
 import torch
 
-from gptforge.checkpoint import load_model, resolve_checkpoint, run_checkpoint
+from gptforge.checkpoint import (MODEL_CONFIG, base_fingerprint, load_model, refuse_to_replace, resolve_checkpoint,
+                                 run_checkpoint)
 from gptforge.common import Runtime, UserError, atomic_write_text, seed_everything, setup_runtime, teardown_runtime
 from gptforge.config import FINETUNE_MODES, FinetuneConfig, RunConfig, SampleConfig, TrainConfig
 from gptforge.lora import LoRAConfig, apply_lora, count_trainable, has_lora
@@ -67,7 +68,9 @@ def run_finetune(mode: str, base: str, ft: FinetuneConfig, tc: TrainConfig,
 
 
 def _finetune_once(mode_name: str, base: str, ft: FinetuneConfig, tc: TrainConfig, sample: SampleConfig,
-                   runtime: Runtime) -> FinetuneResult:
+                   runtime: Runtime, trial: bool = False) -> FinetuneResult:
+    """One fine-tuning run. A trial (of an lr sweep) only trains and validates: no kept per-epoch copies, no
+    samples, no final report."""
     run_dir = Path(tc.run_dir)
     base_path = resolve_checkpoint(Path(base)).resolve()
     resume_from = run_checkpoint(run_dir, "latest")
@@ -80,6 +83,9 @@ def _finetune_once(mode_name: str, base: str, ft: FinetuneConfig, tc: TrainConfi
     if resume_from is not None:
         _check_resume(meta, mode_name, base_path, run_dir)
 
+    if resume_from is None and has_lora(model):
+        raise UserError(f"{base_path} has LoRA adapters; fold them in with `gptforge merge-lora {base_path} --out DIR` "
+                        "and fine-tune from DIR")
     splits = mode.split()
     if resume_from is None:
         mode.add_tokens(tokenizer, splits)
@@ -98,14 +104,16 @@ def _finetune_once(mode_name: str, base: str, ft: FinetuneConfig, tc: TrainConfi
     steps_per_epoch = sources["train"].steps_per_epoch
     eval_every = max(1, steps_per_epoch // max(1, ft.evals_per_epoch))
     max_steps = math.ceil(ft.epochs * steps_per_epoch) if ft.epochs > 0 else tc.max_steps
+    # samples at every evaluation unless --train.sample_every says otherwise
     tc = dataclasses.replace(tc, max_steps=max_steps, eval_every=eval_every, checkpoint_every=eval_every,
-                             keep_checkpoints=True, tokens_per_step=None, eval_tasks=[],
-                             sample_every=tc.sample_every or eval_every)
+                             keep_checkpoints=not trial, tokens_per_step=None, eval_tasks=[],
+                             sample_every=0 if trial else (tc.sample_every or eval_every))
     cfg = RunConfig(model=model.config, train=tc, sample=sample)
     checkpoint_meta = {FINETUNE_META: {"mode": mode_name, "base": str(base_path), "data": str(ft.data)},
                        **mode.checkpoint_meta()}
     if lora is not None:
-        checkpoint_meta.update(lora=dataclasses.asdict(lora), base=str(base_path))
+        checkpoint_meta.update(lora=dataclasses.asdict(lora), base=str(base_path),
+                               base_fingerprint=base_fingerprint(base_path))
     if runtime.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         _save_run_config(run_dir, mode_name, base_path, ft, tc, sample)
@@ -114,20 +122,25 @@ def _finetune_once(mode_name: str, base: str, ft: FinetuneConfig, tc: TrainConfi
                       + ", ".join(f"{k} {len(v)}" for k, v in splits.items()) + f" examples; "
                       f"{steps_per_epoch} steps per epoch, {max_steps} steps")
 
+    # Metrics and reports run on the main process over whole splits (training sources hold a rank's share).
+    whole = dataclasses.replace(runtime, rank=0, world_size=1)
+    eval_sources = sources if runtime.world_size == 1 else {
+        name: mode.batches(examples, tokenizer, block, tc.micro_batch_size, tc.seed, whole, training=False)
+        if examples else None for name, examples in splits.items()}
     val = sources["val"]
     prompt = mode.sample_prompt(tokenizer, splits)
     result = train_loop(
         model, tokenizer, sources["train"], (lambda: val.iter_epoch()) if val is not None else None, cfg, runtime,
         run_dir, resume_from=resume_from,
         sample_fn=_sampler(tokenizer, prompt, sample, tc, runtime) if prompt is not None and tc.sample_every else None,
-        task_fn=(lambda m: mode.metrics(m, sources, runtime)) if runtime.is_main and _has_metrics(mode) else None,
+        task_fn=(lambda m: mode.metrics(m, eval_sources, runtime)) if runtime.is_main and _has_metrics(mode) else None,
         checkpoint_meta=checkpoint_meta)
 
     report = {}
-    if runtime.is_main:
+    if runtime.is_main and not trial:
         best = run_checkpoint(run_dir, "best") or run_checkpoint(run_dir, "latest")
         final, _, _ = load_model(best, runtime.device)  # the best epoch by validation loss
-        report = mode.finish(final, tokenizer, splits, sources, run_dir, sample, runtime)
+        report = mode.finish(final, tokenizer, splits, eval_sources, run_dir, sample, runtime)
         if tc.plot:
             from gptforge.train.metrics import MetricsLog
 
@@ -202,7 +215,7 @@ def lr_sweep(mode: str, base: str, ft: FinetuneConfig, tc: TrainConfig, sample: 
                                        sample_every=0, warmup_steps=min(tc.warmup_steps, ft.sweep_steps // 10))
         trial_ft = dataclasses.replace(ft, epochs=0, lr_sweep=[], evals_per_epoch=1)
         trial_tc = dataclasses.replace(trial_tc, max_steps=ft.sweep_steps)
-        res = _finetune_once(mode, base, trial_ft, trial_tc, sample, runtime)
+        res = _finetune_once(mode, base, trial_ft, trial_tc, sample, runtime, trial=True)
         val = res.loop.last_val_loss if res.loop.last_val_loss is not None else float("nan")
         rows.append({"lr": lr, "val_loss": val, "train_loss": res.loop.train_loss})
         runtime.print(f"  lr {lr:<10g} val loss {val:.4f}  train loss {res.loop.train_loss:.4f}")
@@ -239,6 +252,7 @@ def merge_lora_checkpoint(path: Path, out: Path) -> Path:
     from gptforge.checkpoint import save_checkpoint
     from gptforge.lora import merge_lora
 
+    refuse_to_replace(Path(out), (MODEL_CONFIG,), "a gptforge checkpoint")
     model, tokenizer, meta = load_model(path, "cpu")
     if not meta.get("lora"):
         raise UserError(f"{path} has no LoRA adapters to merge; it is already a full checkpoint")

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from gptforge.checkpoint import CHECKPOINTS, load_trainer_state, save_checkpoint
-from gptforge.common import Runtime, UserError
+from gptforge.common import Runtime, UserError, is_out_of_memory
 from gptforge.config import RunConfig
 from gptforge.model import GPT
 from gptforge.tokenizer import Tokenizer
@@ -44,12 +44,6 @@ class LoopResult:
     tokens_per_s: float
     elapsed_s: float
     stopped_early: bool
-
-
-def is_out_of_memory(error: BaseException) -> bool:
-    message = str(error)
-    return isinstance(error, torch.OutOfMemoryError) or "can't allocate memory" in message \
-        or "out of memory" in message
 
 
 def grad_accum_steps(cfg: RunConfig, world_size: int) -> int:

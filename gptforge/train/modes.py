@@ -81,13 +81,8 @@ class TextMode(Mode):
     name, val_fraction = "text", 0.1
 
     def read(self) -> list:
-        delimiters = None
-        if self.ft.delimiters:
-            parts = [p for p in self.ft.delimiters.split(",")]
-            if len(parts) != 2 or not all(p.strip() for p in parts):
-                raise UserError(f"--finetune.delimiters takes 'OPEN,CLOSE' (e.g. '<LOC>,</LOC>'), got "
-                                f"{self.ft.delimiters!r}")
-            delimiters = (parts[0].strip(), parts[1].strip())
+        spec = self.ft.delimiters
+        delimiters = D.parse_delimiters(spec, "--finetune.delimiters") if spec else None
         return D.read_text_corpus(self.ft.data, documents=self.ft.documents, delimiters=delimiters).documents
 
     def add_tokens(self, tokenizer, splits):
@@ -134,13 +129,14 @@ class ClassifyMode(Mode):
                                  world_size=runtime.world_size, device=runtime.device)
 
     def build_model(self, base: GPT) -> GPT:
-        if isinstance(base, GPTClassifier):
+        if isinstance(base, GPTClassifier) and base.classifier.out_features == len(self.labels):
+            base.init_classifier()  # a new task: the body is reused, the head starts afresh
             return base
         with torch.device("meta"):
             model = GPTClassifier(base.config, len(self.labels))
         model = model.to_empty(device=next(base.parameters()).device)
-        missing, unexpected = model.load_state_dict(base.state_dict(), strict=False)
-        assert not unexpected and all(k.startswith("classifier.") for k in missing), (missing, unexpected)
+        body = {k: v for k, v in base.state_dict().items() if not k.startswith("classifier.")}
+        model.load_state_dict(body, strict=False)  # everything but the new head
         if base.config.tie_embeddings:
             model.lm_head.weight = model.transformer.wte.weight
         model.init_classifier()  # seeded by the caller

@@ -76,19 +76,18 @@ def make_sample_fn(cfg: RunConfig, tokenizer: Tokenizer, runtime: Runtime):
 def make_task_fn(cfg: RunConfig, tokenizer: Tokenizer, runtime: Runtime):
     """Benchmarks during training (train.eval_tasks, as build-nanogpt runs HellaSwag): the examples are
     loaded (downloaded if need be) once, before training starts, so a missing file fails at launch."""
-    from gptforge.eval import TASKS, choice_metrics, score_choices
+    from gptforge.eval import choice_metrics, parse_tasks, score_choices
+    from gptforge.eval.run import load_choice_examples
 
     tc = cfg.train
-    limit = tc.eval_tasks_limit or None
     suites = {}
     for spec in tc.eval_tasks:
         name, _, path = spec.partition("=")
-        name = name.strip().lower()
-        if name not in TASKS:
-            raise UserError(f"train.eval_tasks: unknown task '{name}'; choose from {', '.join(TASKS)} "
-                            "(validation loss is always measured)")
-        adapter = TASKS[name]
-        suites[name] = adapter.examples(adapter.load(Path(path) if path else None)[:limit])
+        try:
+            [name] = parse_tasks([name])
+            suites[name] = load_choice_examples(name, path or None, tc.eval_tasks_limit or None)
+        except UserError as e:  # loss and perplexity are refused too: validation loss is always measured
+            raise UserError(f"train.eval_tasks: {e}") from None
 
     def run(model: GPT) -> dict:
         scores = {}

@@ -12,12 +12,26 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, TypeVar
 
 if TYPE_CHECKING:  # annotations only: importing torch here would slow every CLI start
     import torch
 
 T = TypeVar("T")
+
+
+def iter_jsonl(lines: Iterable[str], where: object, hint: str = "") -> Iterator[tuple[int, Any]]:
+    """(line number, value) for each non-blank line of a JSON Lines file; a line that is not JSON is a
+    UserError naming the file and line (hint: what the file should hold)."""
+    import json
+
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            yield number, json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{where} line {number}: not valid JSON ({e.msg}){hint}") from None
 
 
 class UserError(Exception):

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from gptforge.common import UserError, atomic_write_text
+from gptforge.common import UserError, atomic_write_text, iter_jsonl
 
 RUBRIC = ("Given the input `{input}` and correct output `{reference}`, score the model response "
           "`{response}` on a scale from 0 to 100, where 100 is the best score. "
@@ -153,13 +153,7 @@ def read_items(path: Path) -> list[tuple[int, dict]]:
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"cannot read {path}: {e}") from None
     items = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path} line {number}: not valid JSON ({e.msg})") from None
+    for number, item in iter_jsonl(lines, path):
         if not isinstance(item, dict):
             raise UserError(f"{path} line {number}: expected a JSON object, got {type(item).__name__}")
         for names in (("instruction",), REFERENCE_FIELDS, RESPONSE_FIELDS):

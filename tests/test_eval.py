@@ -359,7 +359,7 @@ def test_cli_errors_are_one_line(byte_checkpoint, tmp_path, capsys):
     unlabeled = write_jsonl(tmp_path / "test.jsonl", [{**hellaswag_rows()[0], "label": ""}])
     fails_with(capsys, ["eval", ck, "--data", str(unlabeled)], "unlabeled")
     (tmp_path / "broken.jsonl").write_text("{not json\n")
-    fails_with(capsys, ["eval", ck, "--data", str(tmp_path / "broken.jsonl")], "line 1 is not JSON")
+    fails_with(capsys, ["eval", ck, "--data", str(tmp_path / "broken.jsonl")], "line 1: not valid JSON")
     good = write_jsonl(tmp_path / "good.jsonl", hellaswag_rows())
     fails_with(capsys, ["eval", ck, "--data", str(good), "--prompt_format", "fancy"], "prompt format")
 

@@ -392,7 +392,7 @@ def test_clear_errors(tmp_path):
     (tmp_path / "h.csv").write_text("text,category\nhi,a\n")
     assert "no column 'label'" in _error(read_labeled, tmp_path / "h.csv")
     (tmp_path / "bad.jsonl").write_text('{"text": "ok", "label": "a"}\n{"text": "oops",\n')
-    assert "bad.jsonl:2: not valid JSON" in _error(read_labeled, tmp_path / "bad.jsonl")
+    assert "bad.jsonl line 2: not valid JSON" in _error(read_labeled, tmp_path / "bad.jsonl")
     (tmp_path / "locs.txt").write_text("intro\n<LOC>fine</LOC>\n<LOC>  \n</LOC>\n")
     assert "locs.txt:3: the document is empty" in _error(read_text_corpus, tmp_path / "locs.txt",
                                                          delimiters=("<LOC>", "</LOC>"))

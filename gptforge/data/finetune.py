@@ -38,7 +38,7 @@ import re
 from pathlib import Path
 from typing import Any, Iterator, Mapping, NamedTuple, Optional, Sequence
 
-from gptforge.common import UserError
+from gptforge.common import UserError, iter_jsonl
 from gptforge.prompts import check_instruction, check_messages, tag_token
 
 DOCUMENT_RULES = ("paragraph", "file")
@@ -100,13 +100,8 @@ def _json_items(path: Path) -> Iterator[tuple[str, Any]]:
         for i, item in enumerate(items):
             yield f"{path} item {i}", item
         return
-    for lineno, line in enumerate(text.split("\n"), 1):
-        if not line.strip():
-            continue
-        try:
-            yield f"{path}:{lineno}", json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg}); each line must be one JSON value") from None
+    for lineno, item in iter_jsonl(text.split("\n"), path, "; each line must be one JSON value"):
+        yield f"{path}:{lineno}", item
 
 
 def _non_empty(items: list, path: Path, what: str) -> list:

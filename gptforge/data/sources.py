@@ -27,7 +27,7 @@ import zipfile
 from pathlib import Path
 from typing import BinaryIO, Iterable, Iterator, NamedTuple, Optional
 
-from gptforge.common import UserError, cache_dir
+from gptforge.common import UserError, cache_dir, iter_jsonl
 from gptforge.config import DataConfig
 
 CHUNK_BYTES = 1 << 20  # how much of a text file one piece holds (about; cut at a line boundary)
@@ -270,13 +270,7 @@ def _field_of(row: object, field: str, where: str) -> Optional[str]:
 
 def _jsonl_texts(path: Path, field: str) -> Iterator[str]:
     with open(path, "r", encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path} line {n} is not valid JSON ({e.msg}); fix the line or remove it") from None
+        for n, row in iter_jsonl(f, path, "; fix the line or remove it"):
             yield _field_of(row, field, f"{path} line {n}")
 
 

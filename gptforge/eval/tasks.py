@@ -20,7 +20,7 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Optional, Sequence
 
-from gptforge.common import UserError, atomic_write_text, cache_dir
+from gptforge.common import UserError, atomic_write_text, cache_dir, iter_jsonl
 from gptforge.eval.choice import ChoiceExample
 
 PROMPT_FORMATS = ("harness", "plain")
@@ -58,14 +58,9 @@ def read_records(path: Path, what: str) -> list[dict]:
         return _read_arrow(path, what)
     rows = []
     with open(path, encoding="utf-8", errors="replace") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                raise UserError(f"{path} line {line_no} is not JSON; {what} --data takes a JSONL file "
-                                "(one JSON object per line), an .arrow file or a datasets folder") from None
+        hint = (f"; {what} --data takes a JSONL file (one JSON object per line), an .arrow file or a "
+                "datasets folder")
+        for line_no, row in iter_jsonl(f, path, hint):
             if not isinstance(row, dict):
                 raise UserError(f"{path} line {line_no} is not a JSON object")
             rows.append(row)

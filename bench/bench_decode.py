@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import os
-import platform
 import statistics
 import sys
 import time
@@ -28,6 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+import benchutil  # noqa: E402
 from gptforge.config import ModelConfig, resolve_model_config  # noqa: E402
 from gptforge.engine import Engine, SamplingParams  # noqa: E402
 from gptforge.model import GPT  # noqa: E402
@@ -72,16 +71,6 @@ def timed_interleaved(fns: dict, runs: int):
             outs[name] = fn()
             times[name].append(time.perf_counter() - t0)
     return {name: (statistics.median(t), outs[name]) for name, t in times.items()}
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main() -> None:
@@ -142,11 +131,7 @@ def main() -> None:
               f"same tokens: {same}")
         hf_cell, ratio_cell, same_cell = f"{hf_tps:.1f}", f"{ours_tps / hf_tps:.2f}x", "yes" if same else "NO"
 
-    machine = f"{cpu_model()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
-    if device.type == "cuda":
-        machine = f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    command = "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
+    machine, load, command = benchutil.machine(device), benchutil.load_average(), benchutil.command_line()
     print(f"(1-minute load average at the end: {load:.1f}; numbers from a busy machine are pessimistic)")
     print()
     print("| date | machine | model | batch | prompt+new | ours tok/s | HF tok/s | ours/HF | same tokens | command |")

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -27,22 +25,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
+import benchutil  # noqa: E402
 from gptforge.config import ModelConfig, resolve_model_config  # noqa: E402
 from gptforge.eval import TASKS, choice_metrics, score_choices, score_choices_one_by_one  # noqa: E402
 from gptforge.model import GPT  # noqa: E402
 from gptforge.tokenizer import GPT2Tokenizer  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "hellaswag_val_first500.jsonl"
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def timed(fn):
@@ -91,11 +80,7 @@ def main() -> None:
     print(f"one forward per ending:   {n / loop_s:.2f} ex/s ({loop_s:.1f} s)")
     print(f"speed-up: {loop_s / batched_s:.2f}x; max |logprob difference| {diff:.2e}; same predictions: {same_preds}")
 
-    machine = f"{cpu_model()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
-    if device.type == "cuda":
-        machine = f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    command = "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
+    machine, load, command = benchutil.machine(device), benchutil.load_average(), benchutil.command_line()
     print(f"(1-minute load average at the end: {load:.1f}; numbers from a busy machine are noise)")
     print()
     print("| date | machine | model | format | examples | batched ex/s | per-ending ex/s | speed-up | command |")

@@ -38,3 +38,31 @@ def tiny_train_args(data_dir: Path, run_dir: Path, *extra: str) -> list[str]:
     return ["train", "--model.preset", "tiny", "--data.dir", str(data_dir), "--train.run_dir", str(run_dir),
             "--train.device", "cpu", "--train.progress", "false", "--train.micro_batch_size", "8",
             "--train.warmup_steps", "5", "--train.lr", "3e-3", "--train.eval_batches", "4", *extra]
+
+
+def kill_after_checkpoint(args: list[str], run_dir: Path, min_step: int, timeout: float = 120) -> int:
+    """Run `python -m gptforge ARGS`, SIGKILL it once run_dir's `latest` checkpoint reaches min_step, and
+    return the step of the checkpoint left behind (a kill between the swap's renames repaired first, as a
+    rerun does)."""
+    import json
+    import signal
+    import time
+
+    from gptforge.checkpoint import run_checkpoint
+
+    proc = subprocess.Popen([sys.executable, "-m", "gptforge", *args], env={**os.environ, "PYTHONPATH": str(REPO)},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    meta = Path(run_dir) / "checkpoints" / "latest" / "meta.json"
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if json.loads(meta.read_text())["step"] >= min_step:
+                break
+        except (FileNotFoundError, json.JSONDecodeError, KeyError):
+            pass
+        time.sleep(0.005)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    run_checkpoint(Path(run_dir), "latest")
+    return json.loads(meta.read_text())["step"]

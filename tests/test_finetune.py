@@ -2,22 +2,16 @@
 bitwise resume after SIGKILL), frozen blocks, learning-rate sweeps, and the errors a user can hit."""
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from gptforge.checkpoint import load_model, run_checkpoint, save_checkpoint
+from gptforge.checkpoint import load_model, save_checkpoint
 from gptforge.config import ModelConfig
 from gptforge.model import GPT, GPTClassifier
 from gptforge.tokenizer import ByteTokenizer
-from helpers import REPO, run_cli
+from helpers import kill_after_checkpoint, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -46,10 +40,14 @@ def slices(shared_data, tmp_path_factory):
     return root
 
 
+def finetune_args(mode, base, data, run_dir, *extra):
+    return ["finetune", mode, "--from", str(base), "--finetune.data", str(data), "--train.run_dir", str(run_dir),
+            "--train.device", "cpu", "--train.progress", "false", "--train.micro_batch_size", "8",
+            "--train.lr", "3e-3", "--train.warmup_steps", "2", *extra]
+
+
 def finetune(mode, base, data, run_dir, *extra, **kw):
-    return run_cli("finetune", mode, "--from", str(base), "--finetune.data", str(data), "--train.run_dir",
-                   str(run_dir), "--train.device", "cpu", "--train.progress", "false", "--train.micro_batch_size",
-                   "8", "--train.lr", "3e-3", "--train.warmup_steps", "2", *extra, **kw)
+    return run_cli(*finetune_args(mode, base, data, run_dir, *extra), **kw)
 
 
 def test_classify_learns_spam_and_stores_labels(base, slices, tmp_path):
@@ -172,26 +170,10 @@ def test_lora_resume_after_sigkill_is_bitwise_identical(base, slices, tmp_path):
     assert finetune("text", base, slices / "plays.txt", straight, *args).returncode == 0
 
     killed = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "gptforge", "finetune", "text", "--from", str(base), "--finetune.data",
-           str(slices / "plays.txt"), "--train.run_dir", str(killed), "--train.device", "cpu", "--train.progress",
-           "false", "--train.micro_batch_size", "8", "--train.lr", "3e-3", "--train.warmup_steps", "2", *args]
-    proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    meta = killed / "checkpoints" / "latest" / "meta.json"
     total = json.loads((straight / "checkpoints" / "latest" / "meta.json").read_text())["step"]
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        try:
-            if json.loads(meta.read_text())["step"] >= total // 3:
-                break
-        except (FileNotFoundError, json.JSONDecodeError, KeyError):
-            pass
-        time.sleep(0.005)
-    assert proc.poll() is None, "the run finished before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    run_checkpoint(killed, "latest")  # a kill between the swap's two renames is repaired, as a rerun does
-    assert json.loads(meta.read_text())["step"] < total
+    killed_at = kill_after_checkpoint(finetune_args("text", base, slices / "plays.txt", killed, *args), killed,
+                                      min_step=total // 3)
+    assert killed_at < total
 
     resumed = finetune("text", base, slices / "plays.txt", killed, *args)
     assert resumed.returncode == 0, resumed.stderr

@@ -3,22 +3,17 @@ DDP processes follow the same loss trajectory as one process with the same globa
 
 import json
 import math
-import os
-import signal
-import subprocess
 import sys
-import time
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from gptforge.checkpoint import run_checkpoint
 from gptforge.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from gptforge.data.prepare import prepare
 from gptforge.train.optim import lr_at
 from gptforge.train.pretrain import run_training
-from helpers import REPO, run_cli, tiny_train_args, write_corpus
+from helpers import kill_after_checkpoint, run_cli, tiny_train_args, write_corpus
 
 
 @pytest.fixture(scope="module")
@@ -78,23 +73,7 @@ def test_resume_after_sigkill_is_bitwise_identical(byte_data, tmp_path):
     assert done.returncode == 0, done.stderr
 
     killed = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "gptforge", *tiny_train_args(byte_data, killed, *args)]
-    proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    meta = killed / "checkpoints" / "latest" / "meta.json"
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        try:
-            if json.loads(meta.read_text())["step"] >= 30:
-                break
-        except (FileNotFoundError, json.JSONDecodeError, KeyError):
-            pass
-        time.sleep(0.005)
-    assert proc.poll() is None, "the run finished before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    run_checkpoint(killed, "latest")  # a kill between the swap's two renames is repaired, as a rerun does
-    killed_at = json.loads(meta.read_text())["step"]
+    killed_at = kill_after_checkpoint(tiny_train_args(byte_data, killed, *args), killed, min_step=30)
     assert 30 <= killed_at < 150
 
     resumed = run_cli(*tiny_train_args(byte_data, killed, *args))

@@ -37,12 +37,13 @@ import torch
 
 from gptforge.common import UserError
 from gptforge.engine.batch import SLIDE_MARGIN_FRACTION, WINDOW_KEEP_FRACTION, DecodeBatch
-from gptforge.engine.sampling import (SamplingParams, StepOutput, StopCheck, presence_mask, process_logits,
-                                      sample_next)
+from gptforge.engine.sampling import (GREEDY_BELOW, LIMITS, InvalidParam, SamplingParams, StepOutput, StopCheck,
+                                      presence_mask, process_logits, sample_next)
 from gptforge.model import GPTClassifier
 
 __all__ = ["Engine", "DecodeBatch", "SamplingParams", "StepOutput", "StopCheck", "presence_mask",
-           "process_logits", "sample_next", "WINDOW_KEEP_FRACTION", "SLIDE_MARGIN_FRACTION"]
+           "process_logits", "sample_next", "WINDOW_KEEP_FRACTION", "SLIDE_MARGIN_FRACTION", "GREEDY_BELOW", "LIMITS",
+           "InvalidParam"]
 
 
 # --- the engine ----------------------------------------------------------------------------------------

@@ -156,9 +156,12 @@ class DecodeBatch:
                 self._remove(started)
 
     def outputs_of(self, gid: int) -> Iterator[StepOutput]:
-        """Step the batch until group `gid` has ended, yielding its output of each step."""
+        """Step the batch until group `gid` has ended, yielding its output of each step (raising its error
+        if it fails)."""
         while gid in self.groups:
             out = self.step().get(gid)
+            if out is not None and out.error is not None:
+                raise out.error
             if out is not None:
                 yield out
 
@@ -317,12 +320,16 @@ class DecodeBatch:
         for i, r in enumerate(rows):
             at_of.setdefault(r.group, []).append(i)
         tokens = torch.empty(len(rows), dtype=torch.long, device=logits.device)
-        picked = {}
+        picked, failed = {}, {}
         for group, at in at_of.items():
             whole = len(at) == len(rows)
             index = None if whole else torch.tensor(at, device=logits.device)
-            group_tokens, picked[group] = group.pick(logits if whole else logits[index],
-                                                     [rows[i].index for i in at])
+            try:
+                group_tokens, picked[group] = group.pick(logits if whole else logits[index],
+                                                         [rows[i].index for i in at])
+            except Exception as e:  # noqa: BLE001 - one request's failure must not end its neighbours'
+                failed[group] = e
+                continue
             if whole:
                 tokens = group_tokens
             else:
@@ -330,20 +337,35 @@ class DecodeBatch:
         ids = tokens.tolist()  # the one host sync per step
         outputs, ended = {}, []
         for group, at in at_of.items():
-            out: list[Optional[int]] = [None] * len(group.rows)
-            for i in at:
-                row, tok = rows[i], ids[i]
-                row.seq.append(tok)
-                if self._keep_token(group, row, tok):
-                    out[row.index] = tok
-                if group.finished[row.index]:
-                    ended.append(row)
-            outputs[group.id] = StepOutput(out, list(group.finished),
-                                           *self._logprob_lists(group, picked[group], [rows[i] for i in at], out))
-            if all(group.finished):
-                del self.groups[group.id]
+            if group in failed:
+                continue
+            try:
+                outputs[group.id], done = self._record(group, [rows[i] for i in at], [ids[i] for i in at],
+                                                       picked[group])
+            except Exception as e:  # noqa: BLE001 - e.g. its stop check raised
+                failed[group] = e
+                continue
+            ended += done
         self._remove(ended)
+        for group, error in failed.items():
+            self.cancel(group.id)
+            outputs[group.id] = StepOutput([None] * len(group.rows), list(group.finished), error=error)
         return outputs
+
+    def _record(self, group: _Group, rows: list[_Row], ids: list[int], picked) -> tuple[StepOutput, list[_Row]]:
+        """Append one group's sampled tokens to its rows -> its StepOutput and the rows that ended."""
+        out: list[Optional[int]] = [None] * len(group.rows)
+        ended = []
+        for row, tok in zip(rows, ids):
+            row.seq.append(tok)
+            if self._keep_token(group, row, tok):
+                out[row.index] = tok
+            if group.finished[row.index]:
+                ended.append(row)
+        output = StepOutput(out, list(group.finished), *self._logprob_lists(group, picked, rows, out))
+        if all(group.finished):
+            del self.groups[group.id]
+        return output, ended
 
     @staticmethod
     def _keep_token(group: _Group, row: _Row, tok: int) -> bool:

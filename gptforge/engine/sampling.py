@@ -4,6 +4,7 @@ and what a decoding step reports. Pure functions, so tests can check the kept se
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -16,16 +17,36 @@ from gptforge.config import SampleConfig
 StopCheck = Callable[[int, list[int]], bool]
 """stop_check(row_index, generated_ids) -> True to end that row (the text layer's stop strings)."""
 
+GREEDY_BELOW = 1e-5
+"""A temperature under this (0 included) picks the argmax: dividing logits by a tinier one overflows float32
+to inf, and inf - inf is NaN. vLLM draws the line at the same place."""
+
+LIMITS = {"repetition_penalty": (0.01, 100.0), "presence_penalty": (-100.0, 100.0),
+          "frequency_penalty": (-100.0, 100.0)}
+"""Closed ranges of the penalties. Inside them every processed logit stays finite (a factor of 1e-45
+turns a logit of 1 into inf; one of 1e45 turns -1 into -inf for every seen token), so every row has a
+distribution to sample from."""
+
+SEED_RANGE = (-(2**63), 2**64)  # what torch.Generator.manual_seed takes (the upper end excluded)
+
+
+class InvalidParam(UserError):
+    """A sampling parameter out of its range; `name` is the field, so a server can name its own."""
+
+    def __init__(self, name: str, message: str):
+        super().__init__(message)
+        self.name = name
 
 
 @dataclass
 class SamplingParams:
-    """How to pick each next token. Invalid values raise UserError when the object is built."""
+    """How to pick each next token. Invalid values raise InvalidParam (a UserError) when the object is
+    built, so whatever is built can be sampled: the CLI, the server and chat share these checks."""
 
     max_new_tokens: int = 200
-    temperature: float = 1.0  # 0 = greedy (argmax)
-    top_k: Optional[int] = None  # None or 0 = off
-    top_p: Optional[float] = None  # None or 1.0 = off
+    temperature: float = 1.0  # 0 (or anything under GREEDY_BELOW) = greedy (argmax)
+    top_k: Optional[int] = None  # None or 0 = off; more than the vocabulary keeps all of it
+    top_p: Optional[float] = None  # None or 1.0 = off; a tiny p keeps the most likely token only
     repetition_penalty: float = 1.0  # CTRL-style over prompt + output; 1.0 = off, > 1 discourages repeats
     presence_penalty: float = 0.0  # OpenAI's: logit -= presence * (count > 0), counting generated tokens
     frequency_penalty: float = 0.0  # OpenAI's: logit -= frequency * count
@@ -33,27 +54,44 @@ class SamplingParams:
     seed: Optional[int] = None  # None = nondeterministic
 
     def __post_init__(self):
+        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 0:
+            raise InvalidParam("max_new_tokens",
+                               f"max_new_tokens must be an integer >= 0, got {self.max_new_tokens!r}")
         # `not (x >= 0)` style comparisons also reject NaN
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 0:
-            raise UserError(f"max_new_tokens must be an integer >= 0, got {self.max_new_tokens!r}")
-        if not self.temperature >= 0:
-            raise UserError(f"temperature must be >= 0 (0 means greedy), got {self.temperature}")
-        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 0):
-            raise UserError(f"top_k must be an integer >= 0 (0 or None turns it off), got {self.top_k!r}")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise UserError(f"top_p must be in (0, 1] (1 or None turns it off), got {self.top_p}")
-        if not self.repetition_penalty > 0:
-            raise UserError(f"repetition_penalty must be > 0 (1 turns it off), got {self.repetition_penalty}")
-        for name in ("presence_penalty", "frequency_penalty"):
-            if not math.isfinite(getattr(self, name)):
-                raise UserError(f"{name} must be a finite number (0 turns it off), got {getattr(self, name)}")
+        if not _is_number(self.temperature) or not (0 <= self.temperature < math.inf):
+            raise InvalidParam("temperature", f"temperature must be a finite number >= 0 (0 means greedy), got "
+                                              f"{self.temperature!r}")
+        if self.top_k is not None and (not _is_int(self.top_k) or self.top_k < 0):
+            raise InvalidParam("top_k", f"top_k must be an integer >= 0 (0 or None turns it off), got {self.top_k!r}")
+        if self.top_p is not None and (not _is_number(self.top_p) or not 0 < self.top_p <= 1):
+            raise InvalidParam("top_p", f"top_p must be in (0, 1] (1 or None turns it off), got {self.top_p!r}")
+        for name, (low, high) in LIMITS.items():
+            value = getattr(self, name)
+            if not _is_number(value) or not low <= value <= high:
+                off = 1 if name == "repetition_penalty" else 0
+                raise InvalidParam(name, f"{name} must be between {low:g} and {high:g} ({off} turns it off), got "
+                                         f"{value!r}")
+        if self.seed is not None and (not _is_int(self.seed) or not SEED_RANGE[0] <= self.seed < SEED_RANGE[1]):
+            raise InvalidParam("seed", f"seed must be an integer from -2**63 to 2**64 - 1, got {self.seed!r}")
         self.stop_token_ids = frozenset(int(i) for i in self.stop_token_ids)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < GREEDY_BELOW
 
     @classmethod
     def from_config(cls, sample: SampleConfig, stop_token_ids=()) -> "SamplingParams":
         return cls(max_new_tokens=sample.max_new_tokens, temperature=sample.temperature,
                    top_k=sample.top_k, top_p=sample.top_p, repetition_penalty=sample.repetition_penalty,
                    stop_token_ids=frozenset(stop_token_ids), seed=sample.seed)
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
 
 @dataclass
@@ -69,6 +107,9 @@ class StepOutput:
     (before penalties, temperature, top-k and top-p), as vLLM and OpenAI report it."""
     top_logprobs: Optional[list[Optional[list[tuple[int, float]]]]] = None
     """Only when asked for: the n most likely (token, logprob) pairs of each row, most likely first."""
+    error: Optional[Exception] = None
+    """Set when the call failed at this step (its sampling or stop check raised): its rows have left the
+    batch, the other fields say nothing, and no output follows. Other calls in the batch go on."""
 
 
 # --- logits processing -------------------------------------------------------------------------------
@@ -86,8 +127,9 @@ def process_logits(logits: torch.Tensor, params: SamplingParams, seen: Optional[
     token that cannot be picked. `seen` (B, V) bool is the history for the repetition penalty, `counts`
     (B, V) how often each token was generated so far, for the presence and frequency penalties.
 
-    Order: penalties, then (unless greedy) temperature, top-k, top-p. With temperature 0 only the
-    penalties apply: the argmax is inside every top-k/top-p set anyway. The input is never modified.
+    Order: penalties, then (unless greedy) temperature, top-k, top-p. Greedy (a temperature under
+    GREEDY_BELOW), only the penalties apply: the argmax is inside every top-k/top-p set anyway. The input
+    is never modified.
     """
     logits = logits.float()
     if params.repetition_penalty != 1.0 and seen is not None:
@@ -97,7 +139,7 @@ def process_logits(logits: torch.Tensor, params: SamplingParams, seen: Optional[
         logits = torch.where(seen, torch.where(logits > 0, logits / p, logits * p), logits)
     if counts is not None and (params.presence_penalty or params.frequency_penalty):
         logits = logits - params.presence_penalty * (counts > 0) - params.frequency_penalty * counts
-    if params.temperature == 0:
+    if params.greedy:
         return logits
     logits = logits / params.temperature
     if params.top_k:
@@ -111,8 +153,9 @@ def process_logits(logits: torch.Tensor, params: SamplingParams, seen: Optional[
         cum = probs.cumsum(dim=-1)
         before = torch.cat([torch.zeros_like(cum[:, :1]), cum[:, :-1]], dim=-1)  # mass of the better tokens
         # Drop a token once the better ones already reach p: what is left is the smallest prefix whose
-        # mass is >= p, and never empty (the first token has nothing before it and p > 0).
+        # mass is >= p. The first token always stays: p is compared in float32, where a tiny p is 0.
         drop_sorted = before >= params.top_p
+        drop_sorted[:, 0] = False
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)  # back to vocabulary order
         logits = logits.masked_fill(drop, float("-inf"))
     return logits
@@ -123,7 +166,7 @@ def sample_next(logits: torch.Tensor, params: SamplingParams, seen: Optional[tor
                 counts: Optional[torch.Tensor] = None) -> torch.Tensor:
     """(B, V) logits -> (B,) token ids: argmax when greedy, else a draw from the processed distribution."""
     processed = process_logits(logits, params, seen, counts)
-    if params.temperature == 0:
+    if params.greedy:
         return processed.argmax(dim=-1)
     probs = F.softmax(processed, dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)

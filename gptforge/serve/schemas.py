@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from gptforge.engine import SamplingParams
+from gptforge.engine import LIMITS, SamplingParams
 from gptforge.serve.worker import RowUpdate
 
 MAX_STOP_STRINGS = 4  # as OpenAI
@@ -64,7 +64,7 @@ class _GenerationRequest(BaseModel):
     logit_bias: Optional[dict[str, Any]] = None
     user: Optional[str] = None
     top_k: Optional[int] = Field(None, ge=-1)  # extension; -1 or 0 = off
-    repetition_penalty: Optional[float] = Field(None, gt=0, le=10)  # extension; 1 = off
+    repetition_penalty: Optional[float] = Field(None, ge=LIMITS["repetition_penalty"][0], le=10)  # extension; 1 = off
 
     def unsupported(self) -> None:
         if self.logit_bias:

@@ -4,7 +4,9 @@ The asyncio side never touches torch. It builds a Job (prompt ids + sampling par
 this thread admits queued jobs into one DecodeBatch while rows are free (max_batch_size), steps the batch,
 turns each step into text deltas (textgen's TextRows: stop strings, whole UTF-8 characters) and hands
 them back to the event loop in one call per step. A cancelled job (client gone, timeout) leaves the
-batch before the next step, so its rows are free at once.
+batch before the next step, so its rows are free at once. A job that fails on its own (its sampling, its
+stop strings) fails alone; only a failure of the forward pass, which every running job shares, fails them
+all (503 when out of memory, else 500).
 """
 
 from __future__ import annotations
@@ -113,18 +115,16 @@ class GenerationWorker:
                     return
                 joining = self._take_jobs(batch.n_rows)
             posts: list[tuple[Job, object]] = []
+            for job in joining:
+                self._start(batch, job, posts)
             try:
-                for job in joining:
-                    self._start(batch, job, posts)
                 self._drop_cancelled(batch)
-                if batch.groups:
-                    for gid, step in batch.step().items():
-                        self._updates(batch, gid, step, posts)
-            except Exception as e:  # noqa: BLE001 - every job in the batch must hear about it, then go on
-                ended = {id(job) for job, event in posts if isinstance(event, (Done, Failed))}
-                stranded = [j for j in joining if id(j) not in ended and j not in self._running.values()]
-                self._fail_running(e, posts, stranded)
-                batch = DecodeBatch(self.engine)
+                steps = batch.step() if batch.groups else {}
+            except Exception as e:  # noqa: BLE001 - the forward pass is shared: all its jobs fail, the thread goes on
+                self._fail_running(e, posts)
+                batch, steps = DecodeBatch(self.engine), {}
+            for gid, step in steps.items():
+                self._updates(batch, gid, step, posts)
             self._post(posts)
 
     def _take_jobs(self, rows_in_use: int) -> list[Job]:
@@ -143,11 +143,15 @@ class GenerationWorker:
         return taken
 
     def _start(self, batch: DecodeBatch, job: Job, posts: list) -> None:
-        job.texts = TextRows(self.tokenizer, len(job.rows), job.stops)
+        """Add a job to the batch; a job that cannot start fails alone."""
         try:
+            job.texts = TextRows(self.tokenizer, len(job.rows), job.stops)
             gid = batch.add(job.rows, job.params, job.texts.stop_check, job.logprobs)
         except UserError as e:
             posts.append((job, Failed(400, str(e))))
+            return
+        except Exception as e:  # noqa: BLE001
+            posts.append((job, _failure(e)))
             return
         if batch.is_running(gid):
             self._running[gid] = job
@@ -161,7 +165,26 @@ class GenerationWorker:
                 del self._running[gid]
 
     def _updates(self, batch: DecodeBatch, gid: int, step: StepOutput, posts: list) -> None:
+        """Turn one job's step into text updates. A job whose step failed (in the engine, or in its text
+        here) fails alone: its neighbours in the batch go on."""
         job = self._running[gid]
+        try:
+            if step.error is not None:
+                raise step.error
+            updates = self._row_updates(job, step)
+        except Exception as e:  # noqa: BLE001
+            batch.cancel(gid)
+            del self._running[gid]
+            posts.append((job, _failure(e)))
+            return
+        if updates:
+            posts.append((job, updates))
+        if not batch.is_running(gid):
+            del self._running[gid]
+            posts.append((job, Done()))
+
+    @staticmethod
+    def _row_updates(job: Job, step: StepOutput) -> list[RowUpdate]:
         updates: dict[int, RowUpdate] = {}
         for b, tok in enumerate(step.tokens):
             if tok is not None:
@@ -175,20 +198,11 @@ class GenerationWorker:
             updates.setdefault(b, RowUpdate(b)).text = delta
         for b in newly_ended:
             updates.setdefault(b, RowUpdate(b)).finish_reason = step.finished[b]
-        if updates:
-            posts.append((job, [updates[b] for b in sorted(updates)]))
-        if not batch.is_running(gid):
-            del self._running[gid]
-            posts.append((job, Done()))
+        return [updates[b] for b in sorted(updates)]
 
-    def _fail_running(self, error: Exception, posts: list, also: list[Job]) -> None:
-        if is_out_of_memory(error):
-            failed = Failed(503, "the server ran out of memory while generating; retry with fewer or shorter "
-                                 "requests", "out_of_memory")
-        else:
-            log.exception("generation failed")
-            failed = Failed(500, f"generation failed: {type(error).__name__}: {error}", "engine_error")
-        for job in [*self._running.values(), *also]:
+    def _fail_running(self, error: Exception, posts: list) -> None:
+        failed = _failure(error)
+        for job in self._running.values():
             posts.append((job, failed))
         self._running.clear()
 
@@ -204,6 +218,16 @@ class GenerationWorker:
                 loop.call_soon_threadsafe(_deliver, items)
             except RuntimeError:  # the loop has closed (shutdown): nobody is listening any more
                 pass
+
+
+def _failure(error: Exception) -> Failed:
+    """What a job hears when the engine fails on it: out of memory is the server's state (503); anything
+    else is a bug, logged with its traceback."""
+    if is_out_of_memory(error):
+        return Failed(503, "the server ran out of memory while generating; retry with fewer or shorter requests",
+                      "out_of_memory")
+    log.error("generation failed", exc_info=error)
+    return Failed(500, f"generation failed: {type(error).__name__}: {error}", "engine_error")
 
 
 def _deliver(items: list[tuple[Job, object]]) -> None:

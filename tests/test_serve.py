@@ -70,7 +70,7 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, checkpoint: Path, log: Path, *options: str):
+    def __init__(self, checkpoint: Path, log: Path, *options: str, **popen):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
@@ -79,7 +79,7 @@ class Server:
         with open(log, "w") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "gptforge", "serve", str(checkpoint), "--port", str(self.port),
-                 "--log_level", "warning", *options], env=env, stdout=out, stderr=subprocess.STDOUT)
+                 "--log_level", "warning", *options], env=env, stdout=out, stderr=subprocess.STDOUT, **popen)
 
     def wait_ready(self, timeout: float = 90) -> "Server":
         end = time.time() + timeout
@@ -106,6 +106,7 @@ class Server:
     def post(self, route: str, body, key: str | None = KEY, **kw) -> httpx.Response:
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         if isinstance(body, (bytes, str)):
+            headers["Content-Type"] = "application/json"
             return httpx.post(f"{self.url}{route}", content=body, headers=headers, timeout=60, **kw)
         return httpx.post(f"{self.url}{route}", json=body, headers=headers, timeout=60, **kw)
 
@@ -360,8 +361,9 @@ def test_context_window_and_unknown_routes(main):
         main.client().completions.create(model="m", prompt="x" * 60, max_tokens=10)
     assert e.value.status_code == 400 and e.value.code == "context_length_exceeded"
     assert "maximum context length is 64" in e.value.message
-    assert_openai_error(httpx.get(f"{main.url}/v1/nothing"), 404)
-    assert_openai_error(httpx.get(f"{main.url}/v1/completions"), 405)
+    keyed = {"Authorization": f"Bearer {KEY}"}
+    assert_openai_error(httpx.get(f"{main.url}/v1/nothing", headers=keyed), 404)
+    assert_openai_error(httpx.get(f"{main.url}/v1/completions", headers=keyed), 405)
     # unknown fields are ignored, as OpenAI does
     assert main.post("/v1/completions", {**COMPLETION, "frobnicate": 3, "user": "u"}).status_code == 200
 

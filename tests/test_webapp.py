@@ -170,8 +170,9 @@ def server(browser, tmp_path_factory):
 def _new_page(browser, **context_args):
     context = browser.new_context(**{"viewport": {"width": 1280, "height": 800}, **context_args})
     page = context.new_page()
-    page.errors = []  # uncaught exceptions in the page's own script fail the test
+    page.errors = []  # uncaught exceptions in the page's own script fail the test, as do CSP violations
     page.on("pageerror", lambda exc: page.errors.append(str(exc)))
+    page.on("console", lambda msg: page.errors.append(msg.text) if "Content Security Policy" in msg.text else None)
     return page
 
 

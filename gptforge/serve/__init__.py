@@ -1,6 +1,8 @@
 """`gptforge serve`: an OpenAI-compatible HTTP API (and the web app in static/) over one engine.
 
-    app.py      FastAPI app factory and routes: auth, limits, request -> engine job -> JSON or SSE
+    app.py      FastAPI app factory and routes: limits, request -> engine job -> JSON or SSE; serve()
+    guard.py    who may ask what: Host allow-list, API key scope, security headers (an ASGI middleware)
+    http.py     the connections under it: read/write timeouts, a connection cap, rate-limited logging
     schemas.py  request validation and the OpenAI JSON shapes (responses, chunks, errors)
     worker.py   the engine's thread: a queue of jobs, continuous batching, cancellation
 
@@ -23,8 +25,12 @@ class ServeConfig:
     port: int = 8000
     """TCP port."""
     api_key: Optional[str] = None
-    """Require `Authorization: Bearer KEY` on the /v1 routes. Default: the GPTFORGE_API_KEY environment
-    variable if set, else no key."""
+    """Require `Authorization: Bearer KEY` on every route but /health and the web app's files. Default: the
+    GPTFORGE_API_KEY environment variable if set, else no key (an empty key is an error)."""
+    allowed_hosts: Optional[str] = None
+    """Host names (comma-separated, * for any) that requests may be addressed to, whatever the port.
+    Default: localhost, 127.0.0.1 and [::1] on a loopback --host (so web pages cannot reach the server
+    through DNS rebinding), else any."""
     model_name: Optional[str] = None
     """Model id reported by /v1/models and in responses. Default: the checkpoint's (or run's) folder name.
     Requests may name any model: this server has one."""
@@ -43,6 +49,15 @@ class ServeConfig:
     """Largest max_tokens a request may ask for. Default: the model's context window."""
     max_body_bytes: int = 1_048_576
     """Largest request body accepted; larger ones are answered 413."""
+    max_connections: Optional[int] = None
+    """Open connections at most; more are answered 503 and closed at once. Default: what the open-file
+    limit (ulimit -n) leaves room for, at most 1024."""
+    header_timeout: float = 10.0
+    """Seconds a client may take to send a request's headers; then a 408 and the connection closes."""
+    body_timeout: float = 30.0
+    """Seconds a client may take to send a request's body once its headers are in; then a 408."""
+    write_timeout: float = 60.0
+    """Seconds a response may wait for a client that does not read it; then the connection is dropped."""
     request_timeout: float = 600.0
     """Seconds a request may take, queueing included; then its generation stops and it gets a 504 (or,
     streaming, an error event)."""

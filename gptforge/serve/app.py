@@ -10,17 +10,19 @@ Both POST routes stream with `stream: true` (server-sent events ending with `dat
 
 Every error, expected or not, is OpenAI's JSON ({"error": {...}}) with a 4xx/5xx status; a request the
 server cannot take now (max_concurrent) is a 429 at once. A client that goes away (stream closed, or a
-non-streaming request abandoned) cancels its generation before the engine's next step.
+non-streaming request abandoned, or a body never finished) cancels its generation before the engine's
+next step, and is no error in the log. Host, API key and security headers: guard.py; connection limits
+and timeouts: http.py.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-import hmac
 import json
 import logging
-import os
+import math
+import sys
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,10 +33,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from gptforge.common import UserError
-from gptforge.engine import SamplingParams
+from gptforge.engine import InvalidParam, SamplingParams
 from gptforge.serve import ServeConfig
+from gptforge.serve.guard import Guard, allowed_hosts, api_key, is_loopback
+from gptforge.serve.http import Limits, QuietRepeats, RateLimit, connection_room, protocol_class, quiet_accept_errors
 from gptforge.serve.schemas import (APIError, ChatReply, ChatRequest, CompletionReply, CompletionRequest, Plan,
                                     Reply, TokenText, error_body, message_list, new_id, parse_request,
                                     prompt_list, stop_strings)
@@ -60,8 +65,8 @@ class ServerInfo:
     chat: bool
 
 
-def create_app(worker: GenerationWorker, info: ServerInfo, config: ServeConfig) -> FastAPI:
-    api_key = config.api_key or os.environ.get("GPTFORGE_API_KEY") or None
+def create_app(worker: GenerationWorker, info: ServerInfo, config: ServeConfig,
+               rate: Optional[RateLimit] = None) -> FastAPI:
     tokenizer = worker.tokenizer
     names = TokenText(tokenizer)
     slots = _Slots(config.max_concurrent)
@@ -69,11 +74,13 @@ def create_app(worker: GenerationWorker, info: ServerInfo, config: ServeConfig) 
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
+        quiet_accept_errors(asyncio.get_running_loop(), rate or RateLimit())
         worker.start()
         yield
         worker.stop()
 
     app = FastAPI(title="gptforge", version="1", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.add_middleware(Guard, api_key=api_key(config), hosts=allowed_hosts(config))
     _add_error_handlers(app)
 
     # --- pages and metadata ---------------------------------------------------------------------------
@@ -93,14 +100,12 @@ def create_app(worker: GenerationWorker, info: ServerInfo, config: ServeConfig) 
                 "requests": slots.in_use}
 
     @app.get("/v1/models")
-    async def models(request: Request):
-        _authorize(request, api_key)
+    async def models():
         return {"object": "list", "data": [{"id": info.model, "object": "model", "created": 0,
                                             "owned_by": "gptforge"}]}
 
     @app.get("/v1/gptforge/info")
-    async def server_info(request: Request):
-        _authorize(request, api_key)
+    async def server_info():
         limits = {"max_tokens": max_tokens_limit, "max_batch_size": config.max_batch_size,
                   "max_concurrent": config.max_concurrent}
         return {**dataclasses.asdict(info), "limits": limits}
@@ -108,7 +113,6 @@ def create_app(worker: GenerationWorker, info: ServerInfo, config: ServeConfig) 
     # --- generation -----------------------------------------------------------------------------------
     @app.post("/v1/completions")
     async def completions(request: Request):
-        _authorize(request, api_key)
         req = parse_request(CompletionRequest, await _read_json(request, config.max_body_bytes))
         prompts = prompt_list(req.prompt)
         ids = _encode(lambda: [encode_prompts(tokenizer, [p])[0] if isinstance(p, str) else p for p in prompts],
@@ -122,7 +126,6 @@ def create_app(worker: GenerationWorker, info: ServerInfo, config: ServeConfig) 
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        _authorize(request, api_key)
         req = parse_request(ChatRequest, await _read_json(request, config.max_body_bytes))
         if not info.chat:
             raise APIError(400, "this checkpoint has no chat template; fine-tune it with `gptforge finetune "
@@ -165,8 +168,9 @@ def create_app(worker: GenerationWorker, info: ServerInfo, config: ServeConfig) 
                 repetition_penalty=req.repetition_penalty or 1.0,
                 presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
                 stop_token_ids=frozenset(stop_ids), seed=req.seed)
-        except UserError as e:
-            raise APIError(400, str(e)) from None
+        except InvalidParam as e:
+            name = param if e.name == "max_new_tokens" else e.name
+            raise APIError(400, f"Invalid value for '{name}': {e}", name) from None
         rows = [list(p) for p in prompts for _ in range(n)]
         return Plan(rows, params, stop_strings(req.stop), n_top, sum(map(len, prompts)),
                     [c for c in chars for _ in range(n)])
@@ -247,9 +251,12 @@ async def _next_event(job: Job, deadline: float, timeout: float,
         return _unpack(job.events.get_nowait())
     getter = asyncio.ensure_future(job.events.get())
     waits = {getter} | ({watch.task} if watch else set())
-    done, _ = await asyncio.wait(waits, timeout=max(0.0, remaining), return_when=asyncio.FIRST_COMPLETED)
+    try:
+        done, _ = await asyncio.wait(waits, timeout=max(0.0, remaining), return_when=asyncio.FIRST_COMPLETED)
+    finally:  # also when this task is cancelled (a stream whose client left): no orphaned getter task
+        if not getter.done():
+            getter.cancel()
     if getter not in done:
-        getter.cancel()
         if watch and watch.task in done:
             raise APIError(499, "the client closed the connection", None, "client_closed_request")
         raise APIError(504, f"the request did not finish within the server's timeout of {timeout:g} s; ask "
@@ -313,28 +320,27 @@ class _Slot:
 
 
 # --- request plumbing --------------------------------------------------------------------------------------
-def _authorize(request: Request, api_key: Optional[str]) -> None:
-    if api_key is None:
-        return
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
-        raise APIError(401, "Incorrect or missing API key: send it as 'Authorization: Bearer KEY'", None,
-                       "invalid_api_key")
-
-
 async def _read_json(request: Request, limit: int) -> Any:
-    """The body as JSON, refusing bodies over `limit` bytes (413) before reading them whole."""
+    """The body as JSON, refusing bodies over `limit` bytes (413) before reading them whole, and bodies not
+    sent as JSON (415; a cross-origin page may send text/plain without a preflight)."""
+    kind = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if kind != "application/json" and not (kind.startswith("application/") and kind.endswith("+json")):
+        raise APIError(415, "send the request body as JSON, with 'Content-Type: application/json' (got "
+                            f"{kind[:60] or 'no content type'!r})", None, "unsupported_media_type")
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise APIError(413, f"the request body is {int(declared)} bytes; this server accepts at most {limit}",
                        None, "request_too_large")
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise APIError(413, f"the request body is over {limit} bytes, the most this server accepts", None,
-                           "request_too_large")
+    try:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise APIError(413, f"the request body is over {limit} bytes, the most this server accepts",
+                               None, "request_too_large")
+    except ClientDisconnect:  # normal: the answer goes nowhere, and it is no error of the server's
+        log.debug("a client closed its connection while sending a request body")
+        raise APIError(499, "the client closed the connection", None, "client_closed_request") from None
     if not body:
         raise APIError(400, "the request body is empty; send a JSON object")
     try:
@@ -345,6 +351,8 @@ async def _read_json(request: Request, limit: int) -> Any:
         return json.loads(text, parse_constant=_no_constants)
     except ValueError as e:
         raise APIError(400, f"the request body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise APIError(400, "the request body is nested too deeply") from None
 
 
 def _no_constants(name: str):
@@ -376,8 +384,7 @@ def _add_error_handlers(app: FastAPI) -> None:
         return JSONResponse(error_body(400, f"invalid request: {exc.errors()[:1]}"), status_code=400)
 
     @app.exception_handler(Exception)
-    async def unexpected(_request, exc: Exception):
-        log.exception("unexpected error", exc_info=exc)
+    async def unexpected(_request, exc: Exception):  # the traceback is logged once, by uvicorn
         return JSONResponse(error_body(500, f"internal server error: {type(exc).__name__}", None,
                                        "internal_error"), status_code=500)
 
@@ -394,6 +401,11 @@ def serve(checkpoint: str, config: ServeConfig) -> None:
     from gptforge.model import count_parameters
 
     check_config(config)
+    if not is_loopback(config.host) and api_key(config) is None:
+        print(f"gptforge: warning: serving on {config.host} without an API key: anyone who can reach this port "
+              "can use the model; set --api_key (or GPTFORGE_API_KEY)", file=sys.stderr, flush=True)
+    max_connections, backlog = connection_room(config.max_connections)
+    limits = Limits(config.header_timeout, config.body_timeout, config.write_timeout, max_connections)
     if config.threads:
         torch.set_num_threads(config.threads)
     path = resolve_checkpoint(Path(checkpoint))
@@ -406,26 +418,49 @@ def serve(checkpoint: str, config: ServeConfig) -> None:
         parameters=count_parameters(model), context_length=model.config.block_size,
         vocab_size=model.config.vocab_size, tokenizer=tokenizer.describe(), device=str(device),
         dtype=str(dtype).removeprefix("torch."), chat=bool(getattr(tokenizer, "has_chat_template", False)))
-    app = create_app(GenerationWorker(engine, tokenizer, config.max_batch_size), info, config)
+    rate = RateLimit()
+    _log_like_uvicorn(config.log_level, rate)
+    app = create_app(GenerationWorker(engine, tokenizer, config.max_batch_size), info, config, rate)
     print(f"gptforge: serving {info.model} ({human_count(info.parameters)} parameters, context "
           f"{info.context_length}{', chat' if info.chat else ''}) on http://{config.host}:{config.port} "
           "(web app at /, OpenAI API at /v1)", flush=True)
-    uvicorn.run(app, host=config.host, port=config.port, log_level=config.log_level,
-                timeout_graceful_shutdown=5)
+    uvicorn.run(app, host=config.host, port=config.port, log_level=config.log_level, timeout_graceful_shutdown=5,
+                http=protocol_class(limits, rate), ws="none", backlog=backlog)
+
+
+def _log_like_uvicorn(level: str, rate: RateLimit) -> None:
+    """Our lines (gptforge.serve) at --log_level, formatted as uvicorn's; uvicorn's warnings about bad
+    clients rate-limited."""
+    from uvicorn.logging import DefaultFormatter
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(DefaultFormatter("%(levelprefix)s %(message)s"))
+    log.handlers = [handler]
+    log.propagate = False
+    log.setLevel(LOG_LEVELS[level])
+    logging.getLogger("uvicorn.error").addFilter(QuietRepeats(rate))
+
+
+LOG_LEVELS = {"critical": logging.CRITICAL, "error": logging.ERROR, "warning": logging.WARNING,
+              "info": logging.INFO, "debug": logging.DEBUG, "trace": 5}
 
 
 def check_config(config: ServeConfig) -> None:
     for name in ("max_batch_size", "max_concurrent", "max_body_bytes"):
         if getattr(config, name) < 1:
             raise UserError(f"--{name} must be at least 1, got {getattr(config, name)}")
-    if config.max_tokens is not None and config.max_tokens < 1:
-        raise UserError(f"--max_tokens must be at least 1, got {config.max_tokens}")
-    if not config.request_timeout > 0:
-        raise UserError(f"--request_timeout must be > 0 seconds, got {config.request_timeout}")
-    if config.threads is not None and config.threads < 1:
-        raise UserError(f"--threads must be at least 1, got {config.threads}")
+    for name in ("max_tokens", "threads", "max_connections"):
+        if getattr(config, name) is not None and getattr(config, name) < 1:
+            raise UserError(f"--{name} must be at least 1, got {getattr(config, name)}")
+    for name in ("request_timeout", "header_timeout", "body_timeout", "write_timeout"):
+        if not 0 < getattr(config, name) < math.inf:
+            raise UserError(f"--{name} must be a number of seconds > 0, got {getattr(config, name)}")
     if not 0 <= config.port < 65536:
         raise UserError(f"--port must be between 0 and 65535, got {config.port}")
+    if config.log_level not in LOG_LEVELS:
+        raise UserError(f"--log_level must be one of {', '.join(LOG_LEVELS)}, got {config.log_level!r}")
+    api_key(config)
+    allowed_hosts(config)
 
 
 def default_model_name(path: Path) -> str:

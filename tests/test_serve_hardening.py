@@ -430,6 +430,20 @@ def test_host_header_allow_list(keyed):
     assert reply.status == 421 and json.loads(reply.body)["error"]["code"] == "invalid_host"
 
 
+def test_allowed_hosts_option():
+    from gptforge.common import UserError
+    from gptforge.serve import ServeConfig
+    from gptforge.serve.guard import allowed_hosts
+
+    assert allowed_hosts(ServeConfig(allowed_hosts="Example.com:8000, ::1, [fe80::1]:80, proxy.")) == \
+        {"example.com", "::1", "fe80::1", "proxy"}
+    assert allowed_hosts(ServeConfig(allowed_hosts="a.example,*")) is None
+    assert allowed_hosts(ServeConfig(host="0.0.0.0")) is None  # any name can reach an open bind
+    assert allowed_hosts(ServeConfig(host="::1")) == {"localhost", "127.0.0.1", "::1"}
+    with pytest.raises(UserError, match="not a host name"):
+        allowed_hosts(ServeConfig(allowed_hosts="a.example:port"))
+
+
 def test_a_keyed_server_guards_every_route_but_health_and_the_web_app(keyed):
     for path in ("/openapi.json", "/v1/gptforge/info", "/v1/models", "/docs", "/redoc", "/v1/nothing", "/x"):
         assert httpx.get(f"{keyed.url}{path}").status_code == 401, path

@@ -66,13 +66,23 @@ def is_loopback(host: str) -> bool:
 def allowed_hosts(config: ServeConfig) -> Optional[frozenset[str]]:
     """Host names requests may be addressed to; None: any."""
     if config.allowed_hosts is not None:
-        names = {n.strip().lower().strip("[]") for n in config.allowed_hosts.split(",") if n.strip()}
+        names = {_allowed_name(n) for n in config.allowed_hosts.split(",") if n.strip()}
         if not names:
             raise UserError("--allowed_hosts is empty; give host names separated by commas, or * for any")
         return None if "*" in names else frozenset(names)
     if is_loopback(config.host):
         return frozenset({*LOOPBACK_NAMES, config.host.lower().strip("[]")})
     return None
+
+
+def _allowed_name(entry: str) -> str:
+    """An --allowed_hosts entry as host_name() will see it: a port is dropped, an IPv6 address unbracketed."""
+    entry = entry.strip()
+    name = host_name(f"[{entry}]" if entry.count(":") > 1 and not entry.startswith("[") else entry)
+    if name is None:
+        raise UserError(f"--allowed_hosts: {entry!r} is not a host name (give names like localhost or "
+                        "example.com, separated by commas)")
+    return name
 
 
 def host_name(header: str) -> Optional[str]:

@@ -43,6 +43,7 @@ def finetune(mode, base, data, run_dir, *extra, **kw):
     return run_cli(*finetune_args(mode, base, data, run_dir, *extra), **kw)
 
 
+@pytest.mark.slow
 def test_classify_learns_spam_and_stores_labels(base, tmp_path):
     run = tmp_path / "clf"
     res = finetune("classify", base, SMS, run, "--finetune.epochs", "2",
@@ -64,6 +65,7 @@ def test_classify_learns_spam_and_stores_labels(base, tmp_path):
     assert (run / "loss.png").stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_instruct_masks_prompts_and_writes_test_responses(base, tmp_path):
     run = tmp_path / "sft"
     res = finetune("instruct", base, ALPACA, run, "--finetune.epochs", "1",
@@ -78,6 +80,7 @@ def test_instruct_masks_prompts_and_writes_test_responses(base, tmp_path):
     assert 0 < last["tokens"] < last["step"] * 8 * 64
 
 
+@pytest.mark.slow
 def test_chat_grows_vocabulary_and_keeps_the_template(base, tmp_path):
     run = tmp_path / "chat"
     res = finetune("chat", base, OASST, run, "--finetune.epochs", "1",
@@ -91,6 +94,7 @@ def test_chat_grows_vocabulary_and_keeps_the_template(base, tmp_path):
     assert torch.isfinite(new_rows).all() and not torch.equal(new_rows[0], new_rows[1])  # trained apart
 
 
+@pytest.mark.slow
 def test_text_mode_with_tags_and_lr_sweep(base, tmp_path):
     corpus = tmp_path / "places.txt"
     corpus.write_text("".join(f'<LOC tag="{"dark" if i % 2 else "sunny"}">The {i}th hall is '
@@ -111,6 +115,7 @@ def test_text_mode_with_tags_and_lr_sweep(base, tmp_path):
     assert {"best", "latest"} <= set(kept) and sum(k.startswith("step_") for k in kept) == 2  # one per epoch
 
 
+@pytest.mark.slow
 def test_lora_checkpoints_hold_adapters_only_and_merge_exactly(base, tmp_path):
     run = tmp_path / "lora"
     before = load_file(str(base / "model.safetensors"))
@@ -156,6 +161,7 @@ def test_lora_checkpoints_hold_adapters_only_and_merge_exactly(base, tmp_path):
     assert res.returncode == 2 and "merge-lora" in res.stderr
 
 
+@pytest.mark.slow
 def test_lora_resume_after_sigkill_is_bitwise_identical(base, tmp_path):
     args = ["--finetune.epochs", "3", "--finetune.evals_per_epoch", "4", "--finetune.lora_rank", "4",
             "--finetune.lora_dropout", "0.1", "--train.sample_every", "1000"]  # dropout: RNG restored too
@@ -192,6 +198,7 @@ def test_finetune_errors_are_one_line(base, tmp_path, args, message):
     assert message in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
 
 
+@pytest.mark.slow
 def test_resuming_a_run_in_another_mode_is_refused(base, tmp_path):
     run = tmp_path / "run"
     assert finetune("text", base, PLAYS, run, "--finetune.epochs", "0",

@@ -69,6 +69,7 @@ def test_training_learns_and_writes_run_directory(byte_data, tmp_path):
     assert best_meta["val_loss"] == pytest.approx(min(vals), abs=1e-4)
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_is_bitwise_identical(byte_data, tmp_path):
     args = ["--train.max_steps", "150", "--train.checkpoint_every", "10", "--train.eval_every", "50",
             "--model.dropout", "0.1"]  # dropout: the RNG state must be restored too
@@ -93,6 +94,7 @@ def test_resume_after_sigkill_is_bitwise_identical(byte_data, tmp_path):
     assert steps == sorted(set(steps)) and steps[-1] == 150
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_match_one_process_with_same_global_batch(byte_data, tmp_path):
     common = ["--train.max_steps", "12", "--train.log_every", "1", "--train.eval_every", "6",
               "--train.checkpoint_every", "0", "--train.sampling", "random"]
@@ -111,6 +113,7 @@ def test_ddp_two_processes_match_one_process_with_same_global_batch(byte_data, t
     assert val_one == pytest.approx(val_two, abs=2e-4)
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_matches_one_big_batch(byte_data, tmp_path):
     base = ["--train.max_steps", "8", "--train.log_every", "1", "--train.eval_every", "0",
             "--train.checkpoint_every", "0", "--train.sampling", "sequential"]
@@ -148,6 +151,7 @@ def test_init_from_checkpoint_continues_from_its_weights_and_checks_vocab(byte_d
         run_training(mismatch)
 
 
+@pytest.mark.slow
 def test_benchmarks_during_training_are_logged_and_plotted(byte_data, tmp_path):
     run = tmp_path / "run"
     res = run_cli(*tiny_train_args(byte_data, run, "--train.max_steps", "6", "--train.eval_every", "3",

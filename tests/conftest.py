@@ -1,26 +1,11 @@
 """Shared test fixtures.
 
-Tests that read `../shared/data/` use the `shared_data` fixture: it skips with a clear reason when the
-folder is absent (a user's fresh clone) and fails instead when GPTFORGE_REQUIRE_SHARED=1 (set by .ci/run),
-so CI always runs them.
+No test needs ../shared/: real data comes from the small slices in tests/fixtures/ (see its README).
 """
 
 import os
-from pathlib import Path
 
 import pytest
-
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-
-
-@pytest.fixture(scope="session")
-def shared_data() -> Path:
-    if not SHARED_DATA.is_dir():
-        reason = f"../shared/data not found at {SHARED_DATA} (fixtures live beside the repo checkout)"
-        if os.environ.get("GPTFORGE_REQUIRE_SHARED") == "1":
-            pytest.fail(reason + "; GPTFORGE_REQUIRE_SHARED=1 makes this a failure")
-        pytest.skip(reason)
-    return SHARED_DATA
 
 
 @pytest.fixture(autouse=True)

@@ -159,6 +159,7 @@ def chat_checkpoint(tmp_path_factory):
     return path
 
 
+@pytest.mark.slow
 def test_chat_command_with_piped_stdin(chat_checkpoint):
     args = [sys.executable, "-m", "gptforge", "chat", str(chat_checkpoint), "--sample.temperature", "0",
             "--sample.max_new_tokens", "12", "--device", "cpu", "--system", "Be brief."]

@@ -3,6 +3,7 @@
 import hashlib
 import json
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -182,16 +183,18 @@ def test_prepare_gpt2_chunks_tokenize_like_the_whole(tmp_path, monkeypatch):
     assert m["splits"]["val"]["tokens"] == 0 and m["splits"]["val"]["shards"] == []
 
 
-def test_shared_tinyshakespeare_matches_nanogpt_split(shared_data, tmp_path):
-    src = shared_data / "tinyshakespeare.txt"
+def test_tinyshakespeare_splits_as_nanogpt(tmp_path, monkeypatch):
+    # nanoGPT's shakespeare_char/prepare.py: train = data[:int(n * 0.9)], val = the rest. The slice's length
+    # is chosen so n * 0.9 = 38349.9: rounding instead of truncating would move the cut by one.
+    src = Path(__file__).parent / "fixtures" / "tinyshakespeare_first1600lines.txt"
     text = src.read_text(encoding="utf-8")
+    assert len(text) == 42_611 and int(len(text) * 0.9) == 38_349
+    monkeypatch.setattr(sources, "CHUNK_BYTES", 4096)  # read in pieces, as the full file is
     m = prepare(cfg(src), tmp_path / "ts", progress=False)
-    n = len(text)
-    assert n - int(n * 0.9) == 111_540
-    val = shard_stream(tmp_path / "ts", "val")
-    assert m["splits"]["val"]["tokens"] == 111_540 + 1
-    assert bytes(val[:-1].astype(np.uint8)) == text[int(n * 0.9):].encode()
-    assert m["splits"]["train"]["tokens"] == int(n * 0.9) + 1
+    assert m["splits"]["train"]["tokens"] == 38_349 + 1 and m["splits"]["val"]["tokens"] == 4_262 + 1  # + EOT
+    train, val = shard_stream(tmp_path / "ts", "train"), shard_stream(tmp_path / "ts", "val")
+    assert bytes(train[:-1].astype(np.uint8)) == text[:38_349].encode()
+    assert bytes(val[:-1].astype(np.uint8)) == text[38_349:].encode()
 
 
 # --- sources ----------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@ against one row at a time, metrics, a model that must get HellaSwag-format quest
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,6 +22,9 @@ from gptforge.eval.runtime import evaluating
 from gptforge.model import GPT, GPTClassifier
 from gptforge.tokenizer import ByteTokenizer, CharTokenizer, GPT2Tokenizer
 from helpers import run_cli
+
+# the first 16 rows of HellaSwag validation (tests/fixtures/README.md)
+HELLASWAG = Path(__file__).parent / "fixtures" / "hellaswag_val_first16.jsonl"
 
 TEXT = "".join(f"Line {i}: naïve café, ünïcödé ✓ {'ab' * (i % 5)}\n" for i in range(6))
 
@@ -310,21 +314,20 @@ def byte_checkpoint(tmp_path_factory):
     return path
 
 
-def test_cli_hellaswag_on_real_data(shared_data, tmp_path):
+def test_cli_hellaswag_on_real_data(tmp_path):
     ckpt = tmp_path / "gpt2tok"
     save_checkpoint(ckpt, tiny_model(vocab_size=50257, block_size=32), GPT2Tokenizer(), step=5)
     preds, out_json = tmp_path / "preds.jsonl", tmp_path / "r.json"
-    result = run_cli("eval", str(ckpt), "--task", "hellaswag", "--data",
-                     str(shared_data / "hellaswag_val_first500.jsonl"), "--limit", "20", "--batch_size", "8",
-                     "--predictions", str(preds), "--json", str(out_json), "--device", "cpu")
+    result = run_cli("eval", str(ckpt), "--task", "hellaswag", "--data", str(HELLASWAG), "--limit", "12",
+                     "--batch_size", "8", "--predictions", str(preds), "--json", str(out_json), "--device", "cpu")
     assert result.returncode == 0, result.stderr
     for field in ("hellaswag", "acc", "acc_norm", "acc_per_token", "n", "step 5"):
         assert field in result.stdout
     report = json.loads(out_json.read_text())
     metrics = report["results"]["hellaswag"]
-    assert metrics["n"] == 20 and 0 <= metrics["acc"] <= 1 and metrics["acc_stderr"] > 0
+    assert metrics["n"] == 12 and 0 <= metrics["acc"] <= 1 and metrics["acc_stderr"] > 0
     records = [json.loads(line) for line in preds.read_text().splitlines()]
-    assert len(records) == 20 and records[0]["index"] == 0
+    assert len(records) == 12 and records[0]["index"] == 0
     assert {"label", "pred", "pred_norm", "logprobs", "tokens", "chars"} <= records[0].keys()
     assert len(records[0]["logprobs"]) == 4 and all(lp < 0 for lp in records[0]["logprobs"])
     assert any(r["truncated"] for r in records)  # some contexts exceed the 32-token window

@@ -2,6 +2,7 @@
 bitwise resume after SIGKILL), frozen blocks, learning-rate sweeps, and the errors a user can hit."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +13,13 @@ from gptforge.config import ModelConfig
 from gptforge.model import GPT, GPTClassifier
 from gptforge.tokenizer import ByteTokenizer
 from helpers import kill_after_checkpoint, run_cli
+
+# Slices of real data (tests/fixtures/README.md says where each comes from)
+FIXTURES = Path(__file__).parent / "fixtures"
+SMS = FIXTURES / "sms_spam_first400.tsv"
+ALPACA = FIXTURES / "alpaca_first60.json"
+OASST = FIXTURES / "oasst_en_first8_trees.jsonl"
+PLAYS = FIXTURES / "tinyshakespeare_first1600lines.txt"
 
 
 @pytest.fixture(scope="module")
@@ -25,21 +33,6 @@ def base(tmp_path_factory):
     return path
 
 
-@pytest.fixture(scope="module")
-def slices(shared_data, tmp_path_factory):
-    """Small slices of the real fine-tuning files, so every mode runs in seconds."""
-    root = tmp_path_factory.mktemp("slices")
-    sms = (shared_data / "SMSSpamCollection.tsv").read_bytes().split(b"\r\n")[:400]
-    (root / "sms.tsv").write_bytes(b"\r\n".join(sms))
-    alpaca = json.loads((shared_data / "alpaca_instructions_1100.json").read_text())[:60]
-    (root / "alpaca.json").write_text(json.dumps(alpaca))
-    trees = (shared_data / "oasst_en_100_trees.jsonl").read_text().splitlines()[:15]
-    (root / "oasst.jsonl").write_text("\n".join(trees) + "\n")
-    text = (shared_data / "tinyshakespeare.txt").read_text()[:40_000]
-    (root / "plays.txt").write_text(text)
-    return root
-
-
 def finetune_args(mode, base, data, run_dir, *extra):
     return ["finetune", mode, "--from", str(base), "--finetune.data", str(data), "--train.run_dir", str(run_dir),
             "--train.device", "cpu", "--train.progress", "false", "--train.micro_batch_size", "8",
@@ -50,9 +43,10 @@ def finetune(mode, base, data, run_dir, *extra, **kw):
     return run_cli(*finetune_args(mode, base, data, run_dir, *extra), **kw)
 
 
-def test_classify_learns_spam_and_stores_labels(base, slices, tmp_path):
+@pytest.mark.slow
+def test_classify_learns_spam_and_stores_labels(base, tmp_path):
     run = tmp_path / "clf"
-    res = finetune("classify", base, slices / "sms.tsv", run, "--finetune.epochs", "2",
+    res = finetune("classify", base, SMS, run, "--finetune.epochs", "2",
                    "--finetune.balance", "downsample", "--finetune.train_last_blocks", "1")
     assert res.returncode == 0, res.stderr
     report = json.loads((run / "classify_report.json").read_text())
@@ -71,9 +65,10 @@ def test_classify_learns_spam_and_stores_labels(base, slices, tmp_path):
     assert (run / "loss.png").stat().st_size > 0
 
 
-def test_instruct_masks_prompts_and_writes_test_responses(base, slices, tmp_path):
+@pytest.mark.slow
+def test_instruct_masks_prompts_and_writes_test_responses(base, tmp_path):
     run = tmp_path / "sft"
-    res = finetune("instruct", base, slices / "alpaca.json", run, "--finetune.epochs", "1",
+    res = finetune("instruct", base, ALPACA, run, "--finetune.epochs", "1",
                    "--finetune.response_tokens", "8")
     assert res.returncode == 0, res.stderr
     rows = [json.loads(line) for line in (run / "test_responses.jsonl").read_text().splitlines()]
@@ -85,9 +80,10 @@ def test_instruct_masks_prompts_and_writes_test_responses(base, slices, tmp_path
     assert 0 < last["tokens"] < last["step"] * 8 * 64
 
 
-def test_chat_grows_vocabulary_and_keeps_the_template(base, slices, tmp_path):
+@pytest.mark.slow
+def test_chat_grows_vocabulary_and_keeps_the_template(base, tmp_path):
     run = tmp_path / "chat"
-    res = finetune("chat", base, slices / "oasst.jsonl", run, "--finetune.epochs", "1",
+    res = finetune("chat", base, OASST, run, "--finetune.epochs", "1",
                    "--finetune.oasst_paths", "top")
     assert res.returncode == 0, res.stderr
     model, tok, _ = load_model(run)
@@ -98,6 +94,7 @@ def test_chat_grows_vocabulary_and_keeps_the_template(base, slices, tmp_path):
     assert torch.isfinite(new_rows).all() and not torch.equal(new_rows[0], new_rows[1])  # trained apart
 
 
+@pytest.mark.slow
 def test_text_mode_with_tags_and_lr_sweep(base, tmp_path):
     corpus = tmp_path / "places.txt"
     corpus.write_text("".join(f'<LOC tag="{"dark" if i % 2 else "sunny"}">The {i}th hall is '
@@ -118,10 +115,11 @@ def test_text_mode_with_tags_and_lr_sweep(base, tmp_path):
     assert {"best", "latest"} <= set(kept) and sum(k.startswith("step_") for k in kept) == 2  # one per epoch
 
 
-def test_lora_checkpoints_hold_adapters_only_and_merge_exactly(base, slices, tmp_path):
+@pytest.mark.slow
+def test_lora_checkpoints_hold_adapters_only_and_merge_exactly(base, tmp_path):
     run = tmp_path / "lora"
     before = load_file(str(base / "model.safetensors"))
-    res = finetune("instruct", base, slices / "alpaca.json", run, "--finetune.epochs", "1",
+    res = finetune("instruct", base, ALPACA, run, "--finetune.epochs", "1",
                    "--finetune.lora_rank", "4", "--finetune.lora_targets", "[attn,mlp]",
                    "--finetune.response_tokens", "4")
     assert res.returncode == 0, res.stderr
@@ -159,23 +157,24 @@ def test_lora_checkpoints_hold_adapters_only_and_merge_exactly(base, slices, tmp
     res = run_cli("generate", str(run), "--sample.max_new_tokens", "2")
     assert res.returncode == 2 and "have changed" in res.stderr
     # and a LoRA checkpoint is not a base to fine-tune from: merge it first
-    res = finetune("text", run / "checkpoints" / "latest", slices / "plays.txt", tmp_path / "again")
+    res = finetune("text", run / "checkpoints" / "latest", PLAYS, tmp_path / "again")
     assert res.returncode == 2 and "merge-lora" in res.stderr
 
 
-def test_lora_resume_after_sigkill_is_bitwise_identical(base, slices, tmp_path):
+@pytest.mark.slow
+def test_lora_resume_after_sigkill_is_bitwise_identical(base, tmp_path):
     args = ["--finetune.epochs", "3", "--finetune.evals_per_epoch", "4", "--finetune.lora_rank", "4",
             "--finetune.lora_dropout", "0.1", "--train.sample_every", "1000"]  # dropout: RNG restored too
     straight = tmp_path / "straight"
-    assert finetune("text", base, slices / "plays.txt", straight, *args).returncode == 0
+    assert finetune("text", base, PLAYS, straight, *args).returncode == 0
 
     killed = tmp_path / "killed"
     total = json.loads((straight / "checkpoints" / "latest" / "meta.json").read_text())["step"]
-    killed_at = kill_after_checkpoint(finetune_args("text", base, slices / "plays.txt", killed, *args), killed,
+    killed_at = kill_after_checkpoint(finetune_args("text", base, PLAYS, killed, *args), killed,
                                       min_step=total // 3)
     assert killed_at < total
 
-    resumed = finetune("text", base, slices / "plays.txt", killed, *args)
+    resumed = finetune("text", base, PLAYS, killed, *args)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming from" in resumed.stdout
     a = load_file(str(straight / "checkpoints/latest/model.safetensors"))
@@ -191,18 +190,19 @@ def test_lora_resume_after_sigkill_is_bitwise_identical(base, slices, tmp_path):
     (["chat"], "needs data"),
     (["text", "--finetune.data", "{plays}", "--finetune.lora_rank", "4", "--finetune.lora_targets", "[ffn]"], "ffn"),
 ])
-def test_finetune_errors_are_one_line(base, slices, tmp_path, args, message):
-    args = [a.replace("{plays}", str(slices / "plays.txt")) for a in args]
+def test_finetune_errors_are_one_line(base, tmp_path, args, message):
+    args = [a.replace("{plays}", str(PLAYS)) for a in args]
     res = run_cli("finetune", args[0], "--from", str(base), "--train.run_dir", str(tmp_path / "r"),
                   "--train.device", "cpu", *args[1:])
     assert res.returncode == 2, res.stderr
     assert message in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
 
 
-def test_resuming_a_run_in_another_mode_is_refused(base, slices, tmp_path):
+@pytest.mark.slow
+def test_resuming_a_run_in_another_mode_is_refused(base, tmp_path):
     run = tmp_path / "run"
-    assert finetune("text", base, slices / "plays.txt", run, "--finetune.epochs", "0",
+    assert finetune("text", base, PLAYS, run, "--finetune.epochs", "0",
                     "--train.max_steps", "2").returncode == 0
-    res = run_cli("finetune", "instruct", "--from", str(base), "--data", str(slices / "alpaca.json"),
+    res = run_cli("finetune", "instruct", "--from", str(base), "--data", str(ALPACA),
                   "--train.run_dir", str(run), "--train.device", "cpu")  # --data: short for --finetune.data
     assert res.returncode == 2 and "holds a text run" in res.stderr

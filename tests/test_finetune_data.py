@@ -1,9 +1,10 @@
-"""Fine-tuning data: readers on the real ../shared/data files, formats and masks, batch sources that cover
-each epoch exactly once and resume bitwise, and one-line errors for bad input."""
+"""Fine-tuning data: readers on slices of the real files (tests/fixtures/), formats and masks, batch sources
+that cover each epoch exactly once and resume bitwise, and one-line errors for bad input."""
 
 import json
 import random
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +16,12 @@ from gptforge.data.finetune import (Document, LabeledText, document_block, parse
                                     read_instructions, read_labeled, read_text_corpus, split_examples)
 from gptforge.prompts import alpaca_prompt
 from gptforge.tokenizer import ByteTokenizer, GPT2Tokenizer
+
+# Slices of real data (tests/fixtures/README.md says where each comes from)
+FIXTURES = Path(__file__).parent / "fixtures"
+SMS = FIXTURES / "sms_spam_first400.tsv"
+ALPACA = FIXTURES / "alpaca_first60.json"
+OASST = FIXTURES / "oasst_en_first8_trees.jsonl"
 
 
 @pytest.fixture(scope="module")
@@ -33,12 +40,12 @@ def learned(x: torch.Tensor, y: torch.Tensor) -> list[list[int]]:
     return [row[row != -100].tolist() for row in y]
 
 
-# --- readers on the shared data ------------------------------------------------------------------------
-def test_sms_spam_reads_crlf_tsv_and_splits_stratified(shared_data):
-    data = read_labeled(shared_data / "SMSSpamCollection.tsv")
-    assert len(data.examples) == 5574
+# --- readers on real data ----------------------------------------------------------------------------
+def test_sms_spam_reads_crlf_tsv_and_splits_stratified():
+    data = read_labeled(SMS)
+    assert len(data.examples) == 400
     assert data.class_names == ["ham", "spam"]
-    assert Counter(e.label for e in data.examples) == {"ham": 4827, "spam": 747}
+    assert Counter(e.label for e in data.examples) == {"ham": 342, "spam": 58}
     assert data.examples[0].text == ("Go until jurong point, crazy.. Available only in bugis n great world "
                                      "la e buffet... Cine there got amore wat...")
     assert not any("\r" in e.text or "\r" in e.label for e in data.examples)
@@ -46,7 +53,8 @@ def test_sms_spam_reads_crlf_tsv_and_splits_stratified(shared_data):
     labels = [e.label for e in data.examples]
     splits = split_examples(data.examples, val_fraction=0.1, test_fraction=0.2, seed=0, labels=labels)
     sizes = {k: (len(v), sum(e.label == "spam" for e in v)) for k, v in splits.items()}
-    assert sizes == {"train": (3902, 523), "val": (558, 75), "test": (1114, 149)}
+    # per class round(n * fraction): val 34 ham + 6 spam, test 68 + 12 (342 ham, 58 spam)
+    assert sizes == {"train": (280, 40), "val": (40, 6), "test": (80, 12)}
     assert sorted(map(id, sum(splits.values(), []))) == sorted(map(id, data.examples))  # a partition
     again = split_examples(data.examples, 0.1, 0.2, seed=0, labels=labels)
     assert again == splits and split_examples(data.examples, 0.1, 0.2, seed=1, labels=labels) != splits
@@ -55,13 +63,13 @@ def test_sms_spam_reads_crlf_tsv_and_splits_stratified(shared_data):
     assert all([order[id(e)] for e in v] == sorted(order[id(e)] for e in v) for v in splits.values())
 
 
-def test_alpaca_reads_and_splits(shared_data):
-    examples = read_instructions(shared_data / "alpaca_instructions_1100.json")
-    assert len(examples) == 1100
+def test_alpaca_reads_and_splits():
+    examples = read_instructions(ALPACA)
+    assert len(examples) == 60
     assert examples[2] == {"instruction": "Convert 45 kilometers to meters.", "input": "",
                            "output": "45 kilometers is 45000 meters."}
     splits = split_examples(examples, val_fraction=0.05, test_fraction=0.1, seed=0)
-    assert {k: len(v) for k, v in splits.items()} == {"train": 935, "val": 55, "test": 110}
+    assert {k: len(v) for k, v in splits.items()} == {"train": 51, "val": 3, "test": 6}
 
 
 def _assert_well_formed(conversations):
@@ -71,12 +79,12 @@ def _assert_well_formed(conversations):
         assert all(a != b for a, b in zip(roles, roles[1:]))  # alternating
 
 
-def test_oasst_trees_give_all_paths_or_top_ranked(shared_data):
-    path = shared_data / "oasst_en_100_trees.jsonl"
+def test_oasst_trees_give_all_paths_or_top_ranked():
+    path = OASST
     every = read_conversations(path, oasst_paths="all")
     top = read_conversations(path, oasst_paths="top")
-    assert len(every) == 546 and sum(map(len, every)) == 1806
-    assert len(top) == 100 and sum(map(len, top)) == 284
+    assert len(every) == 37 and sum(map(len, every)) == 116  # 8 trees, 79 messages
+    assert len(top) == 8 and sum(map(len, top)) == 20
     _assert_well_formed(every)
     _assert_well_formed(top)
     assert len({json.dumps(c) for c in every}) == len(every)  # no duplicates
@@ -294,18 +302,18 @@ def test_classification_padding_truncation_and_json_formats(tmp_path):
 
 
 @pytest.mark.parametrize("balance", ["downsample", "oversample"])
-def test_balanced_sampling_gives_equal_class_counts(shared_data, balance):
-    data = read_labeled(shared_data / "SMSSpamCollection.tsv")
+def test_balanced_sampling_gives_equal_class_counts(balance):
+    data = read_labeled(SMS)
     enc = encode_labeled(data.examples, ByteTokenizer(), data.class_names, max_length=16)
-    per_class = {"downsample": 747, "oversample": 4827}[balance]
+    per_class = {"downsample": 58, "oversample": 342}[balance]
     source = ClassifyBatches(enc.sequences, num_classes=2, batch_size=per_class, balance=balance, seed=1)
     assert source.epoch_size == 2 * per_class and source.steps_per_epoch == 2
     labels = torch.cat([source.next_batch()[1] for _ in range(2)])
     assert Counter(labels.tolist()) == {0: per_class, 1: per_class} and source.epoch == 1.0
-    if balance == "oversample":  # every ham once per epoch, every spam at least 6 times
-        assert source.class_counts == [4827, 747]
+    if balance == "oversample":  # every ham once per epoch, every spam at least 5 times
+        assert source.class_counts == [342, 58]
     evaluated = torch.cat([y for _, y in source.iter_epoch(batch_size=1000)])
-    assert Counter(evaluated.tolist()) == {0: 4827, 1: 747}  # evaluation sees the split as it is
+    assert Counter(evaluated.tolist()) == {0: 342, 1: 58}  # evaluation sees the split as it is
 
 
 # --- exact resume -------------------------------------------------------------------------------------------------

@@ -211,6 +211,7 @@ def test_shakespeare_bench_times_a_run_to_the_target(run_script, tmp_path):
     assert len(rows) == 1 and rows[0][3] == "config" and rows[0][4].endswith("(step 3)")
 
 
+@pytest.mark.slow
 def test_curve_bench_compares_runs_against_fp32(run_script, tmp_path):
     corpus = write_corpus(tmp_path / "corpus.txt", n_lines=200)
     rows = table_rows(run_script("bench_curve_gpu.py", "--data", str(corpus)))

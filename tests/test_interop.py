@@ -103,6 +103,7 @@ def test_import_hf_small_logits_and_greedy_generation(small_hf, tmp_path):
     assert mine == hf and len(mine) == 50
 
 
+@pytest.mark.slow
 def test_import_full_gpt2_config(tmp_path):
     """The real `gpt2` shape (124M, vocab 50257 padded to 50304), random weights; gpt2 tokenizer by default."""
     from transformers import GPT2Config, GPT2LMHeadModel

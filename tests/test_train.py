@@ -4,6 +4,7 @@ DDP processes follow the same loss trajectory as one process with the same globa
 import json
 import math
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +15,9 @@ from gptforge.data.prepare import prepare
 from gptforge.train.optim import lr_at
 from gptforge.train.pretrain import run_training
 from helpers import kill_after_checkpoint, run_cli, tiny_train_args, write_corpus
+
+# the first 16 rows of HellaSwag validation (tests/fixtures/README.md)
+HELLASWAG = Path(__file__).parent / "fixtures" / "hellaswag_val_first16.jsonl"
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +69,7 @@ def test_training_learns_and_writes_run_directory(byte_data, tmp_path):
     assert best_meta["val_loss"] == pytest.approx(min(vals), abs=1e-4)
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_is_bitwise_identical(byte_data, tmp_path):
     args = ["--train.max_steps", "150", "--train.checkpoint_every", "10", "--train.eval_every", "50",
             "--model.dropout", "0.1"]  # dropout: the RNG state must be restored too
@@ -89,6 +94,7 @@ def test_resume_after_sigkill_is_bitwise_identical(byte_data, tmp_path):
     assert steps == sorted(set(steps)) and steps[-1] == 150
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_match_one_process_with_same_global_batch(byte_data, tmp_path):
     common = ["--train.max_steps", "12", "--train.log_every", "1", "--train.eval_every", "6",
               "--train.checkpoint_every", "0", "--train.sampling", "random"]
@@ -107,6 +113,7 @@ def test_ddp_two_processes_match_one_process_with_same_global_batch(byte_data, t
     assert val_one == pytest.approx(val_two, abs=2e-4)
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_matches_one_big_batch(byte_data, tmp_path):
     base = ["--train.max_steps", "8", "--train.log_every", "1", "--train.eval_every", "0",
             "--train.checkpoint_every", "0", "--train.sampling", "sequential"]
@@ -144,10 +151,11 @@ def test_init_from_checkpoint_continues_from_its_weights_and_checks_vocab(byte_d
         run_training(mismatch)
 
 
-def test_benchmarks_during_training_are_logged_and_plotted(byte_data, tmp_path, shared_data):
+@pytest.mark.slow
+def test_benchmarks_during_training_are_logged_and_plotted(byte_data, tmp_path):
     run = tmp_path / "run"
     res = run_cli(*tiny_train_args(byte_data, run, "--train.max_steps", "6", "--train.eval_every", "3",
-                                   "--train.eval_tasks", f"[hellaswag={shared_data / 'hellaswag_val_first500.jsonl'}]",
+                                   "--train.eval_tasks", f"[hellaswag={HELLASWAG}]",
                                    "--train.eval_tasks_limit", "4"))
     assert res.returncode == 0, res.stderr
     scored = [r for r in read_metrics(run) if "hellaswag/acc_norm" in r]
@@ -164,22 +172,21 @@ def test_unknown_benchmark_fails_before_training(byte_data, tmp_path):
 
 
 @pytest.mark.slow
-def test_compiled_training_coexists_with_benchmarks_and_samples(byte_data, tmp_path, shared_data):
+def test_compiled_training_coexists_with_benchmarks_and_samples(byte_data, tmp_path):
     # build-nanogpt's compiled model broke HellaSwag and sampling (new shapes); ours evaluate the
     # uncompiled module, so the numbers equal a fresh evaluation of the saved weights.
     from gptforge.checkpoint import load_model
     from gptforge.eval import run_task
 
-    hellaswag = shared_data / "hellaswag_val_first500.jsonl"
     run = tmp_path / "run"
     res = run_cli(*tiny_train_args(byte_data, run, "--train.max_steps", "4", "--train.eval_every", "2",
                                    "--train.compile", "true", "--train.sample_every", "2",
-                                   "--train.eval_tasks", f"[hellaswag={hellaswag}]", "--train.eval_tasks_limit", "6"))
+                                   "--train.eval_tasks", f"[hellaswag={HELLASWAG}]", "--train.eval_tasks_limit", "6"))
     assert res.returncode == 0, res.stderr
     records = read_metrics(run)
     assert sum("sample" in r for r in records) == 2
     last = [r for r in records if "hellaswag/acc_norm" in r][-1]
     model, tok, _ = load_model(run / "checkpoints" / "latest")
-    fresh = run_task(model, tok, "hellaswag", data=hellaswag, limit=6)
+    fresh = run_task(model, tok, "hellaswag", data=HELLASWAG, limit=6)
     assert last["step"] == 4
     assert (last["hellaswag/acc"], last["hellaswag/acc_norm"]) == (round(fresh["acc"], 5), round(fresh["acc_norm"], 5))

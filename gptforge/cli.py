@@ -69,6 +69,8 @@ def build_parser() -> ArgumentParser:
                                        "level model on it for a few minutes, and print samples.")
     quick.add_argument("--run_dir", type=str, default="runs/quickstart", help="Where the run is written.")
     quick.add_argument("--minutes", type=float, default=3.0, help="Training time budget in minutes.")
+    quick.add_argument("--steps", type=Optional[int], default=None,
+                       help="Train exactly this many steps instead of sizing the run to --minutes.")
     quick.add_argument("--device", type=str, default="auto", help="cpu, cuda, mps or auto.")
     sub.add_subcommand("quickstart", quick, help="Prepare Shakespeare, train a small model, print samples.")
 
@@ -266,7 +268,7 @@ def cmd_generate(ns) -> None:
 def cmd_quickstart(ns) -> None:
     from gptforge.quickstart import quickstart
 
-    quickstart(run_dir=Path(ns.run_dir), minutes=ns.minutes, device=ns.device)
+    quickstart(run_dir=Path(ns.run_dir), minutes=ns.minutes, device=ns.device, steps=ns.steps)
 
 
 def cmd_finetune(ns) -> None:

@@ -213,7 +213,8 @@ def test_a_redirect_is_an_error_and_the_key_never_leaves_the_endpoint(stub, tmp_
     try:
         stub.reply = lambda body: (status, elsewhere.url + "/chat/completions")
         with pytest.raises(UserError, match=rf"redirected \(HTTP {status}\) to {re.escape(elsewhere.url)}"):
-            judge_file(write_jsonl(tmp_path / "r.jsonl", ITEMS), stub.url, "m", api_key="sk-secret", **FAST)
+            judge_file(write_jsonl(tmp_path / "r.jsonl", ITEMS[:1]), stub.url, "m", api_key="sk-secret", retries=3,
+                       **FAST)
         assert elsewhere.requests == []  # neither the key nor any request went there
         assert len(stub.requests) == 1  # not retried: every request would be redirected the same way
         assert stub.requests[0]["headers"]["Authorization"] == "Bearer sk-secret"

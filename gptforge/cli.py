@@ -10,10 +10,12 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
+from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser, Namespace, set_parsing_settings
 
+from gptforge.cli_errors import usage_error
 from gptforge.common import UserError
-from gptforge.config import DataConfig, FinetuneConfig, ModelConfig, RunConfig, SampleConfig, TrainConfig
+from gptforge.config import (DataConfig, FinetuneConfig, ModelConfig, RunConfig, SampleConfig, TrainConfig,
+                             check_ranges)
 
 set_parsing_settings(docstring_parse_attribute_docstrings=True)
 
@@ -40,7 +42,10 @@ def _endpoint_arguments(p: ArgumentParser) -> None:
 
 
 def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(prog="gptforge", description="Train, sample and inspect GPT-2 models you own.")
+    # Inherited by every subcommand: main() words parser errors itself, in one line; a misspelled option is
+    # an error with a suggestion, never silently expanded (jsonargparse 5 drops abbreviations too).
+    parser = ArgumentParser(prog="gptforge", description="Train, sample and inspect GPT-2 models you own.",
+                            exit_on_error=False, allow_abbrev=False)
     sub = parser.add_subcommands(dest="command")
 
     prep = ArgumentParser(description="Tokenize a corpus into token shards plus a manifest and tokenizer.")
@@ -69,6 +74,8 @@ def build_parser() -> ArgumentParser:
                                        "level model on it for a few minutes, and print samples.")
     quick.add_argument("--run_dir", type=str, default="runs/quickstart", help="Where the run is written.")
     quick.add_argument("--minutes", type=float, default=3.0, help="Training time budget in minutes.")
+    quick.add_argument("--steps", type=Optional[int], default=None,
+                       help="Train exactly this many steps instead of sizing the run to --minutes.")
     quick.add_argument("--device", type=str, default="auto", help="cpu, cuda, mps or auto.")
     sub.add_subcommand("quickstart", quick, help="Prepare Shakespeare, train a small model, print samples.")
 
@@ -83,6 +90,7 @@ def build_parser() -> ArgumentParser:
     ft.add_argument("--data", type=Optional[str], default=None, help="Training data (same as --finetune.data).")
     ft.add_class_arguments(FinetuneConfig, "finetune")
     ft.add_class_arguments(TrainConfig, "train")
+    ft.set_defaults({"train.max_steps": None})  # unset: --finetune.epochs decides; given: it wins
     ft.add_class_arguments(SampleConfig, "sample")
     sub.add_subcommand("finetune", ft, help="Fine-tune: text, classify, instruct, chat; LoRA for any.")
 
@@ -205,15 +213,24 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
+def _fields(ns, section: str) -> dict:
+    """The options of one section. A config file's `train: 5` reaches here as that bare value."""
+    values = getattr(ns, section)
+    if not isinstance(values, Namespace):
+        raise UserError(f"the {section} section of the config must map option names to values, got {values!r}")
+    return vars(values)
+
+
 def _run_config(ns) -> RunConfig:
-    return RunConfig(model=ModelConfig(**vars(ns.model)), data=DataConfig(**vars(ns.data)),
-                     train=TrainConfig(**vars(ns.train)), sample=SampleConfig(**vars(ns.sample)))
+    # validated here too (run_training does it for the Python API), so a bad value fails before torch loads
+    return RunConfig(model=ModelConfig(**_fields(ns, "model")), data=DataConfig(**_fields(ns, "data")),
+                     train=TrainConfig(**_fields(ns, "train")), sample=SampleConfig(**_fields(ns, "sample"))).validate()
 
 
 def cmd_prepare(ns) -> None:
     from gptforge.data.prepare import prepare
 
-    data = DataConfig(**vars(ns.data))
+    data = DataConfig(**_fields(ns, "data"))
     if not data.dir:
         raise UserError("prepare needs an output folder: --data.dir PATH")
     manifest = prepare(data, Path(data.dir), overwrite=ns.overwrite)
@@ -223,12 +240,11 @@ def cmd_prepare(ns) -> None:
 
 
 def cmd_train(ns) -> None:
+    cfg = _run_config(ns)
     from gptforge.train.pretrain import run_training
 
-    result = run_training(_run_config(ns))
-    val = f", best val loss {result.best_val_loss:.4f}" if result.best_val_loss is not None else ""
-    print(f"done: step {result.step}, train loss {result.train_loss:.4f}{val}, {result.elapsed_s:.1f}s; "
-          f"run directory {ns.train.run_dir}")
+    result = run_training(cfg)
+    print(f"done: {result.summary()}; run directory {ns.train.run_dir}")
 
 
 def cmd_generate(ns) -> None:
@@ -244,9 +260,9 @@ def cmd_generate(ns) -> None:
             raise UserError(f"cannot read prompt file {ns.prompt_file}: {e}") from None
     if ns.truncate not in (None, "left"):
         raise UserError(f"--truncate takes 'left', got {ns.truncate!r}")
+    sample = SampleConfig(**_fields(ns, "sample")).validate()
     device = pick_device(ns.device)
     model, tokenizer, _ = load_model(Path(ns.checkpoint), device)
-    sample = SampleConfig(**vars(ns.sample))
     if ns.stream:
         for prompt in prompts:
             sys.stdout.write(prompt)
@@ -266,18 +282,22 @@ def cmd_generate(ns) -> None:
 def cmd_quickstart(ns) -> None:
     from gptforge.quickstart import quickstart
 
-    quickstart(run_dir=Path(ns.run_dir), minutes=ns.minutes, device=ns.device)
+    quickstart(run_dir=Path(ns.run_dir), minutes=ns.minutes, device=ns.device, steps=ns.steps)
 
 
 def cmd_finetune(ns) -> None:
+    options, train = _fields(ns, "finetune"), dict(_fields(ns, "train"))
+    finetune = FinetuneConfig(**{**options, **({"data": ns.data} if ns.data else {})}).validate()
+    if train["max_steps"] is None:
+        train["max_steps"] = TrainConfig.max_steps
+    else:  # an explicit step count wins over epochs
+        finetune.epochs = 0
+    tc, sample = TrainConfig(**train).validate(), SampleConfig(**_fields(ns, "sample")).validate()
     from gptforge.train.finetune import run_finetune
 
-    finetune = FinetuneConfig(**{**vars(ns.finetune), **({"data": ns.data} if ns.data else {})})
-    result = run_finetune(ns.mode, ns.base, finetune, TrainConfig(**vars(ns.train)), SampleConfig(**vars(ns.sample)))
-    loop = result.loop
-    val = f", best val loss {loop.best_val_loss:.4f}" if loop.best_val_loss is not None else ""
-    print(f"done: step {loop.step}, train loss {loop.train_loss:.4f}{val}, {loop.elapsed_s:.1f}s; "
-          f"{result.trainable:,} of {result.total:,} parameters trained; run directory {result.run_dir}")
+    result = run_finetune(ns.mode, ns.base, finetune, tc, sample)
+    print(f"done: {result.loop.summary()}; {result.trainable:,} of {result.total:,} parameters trained; "
+          f"run directory {result.run_dir}")
     for split in ("train", "val", "test"):
         if isinstance(result.report.get(split), dict):
             stats = result.report[split]
@@ -310,8 +330,6 @@ def cmd_classify(ns) -> None:
     labels = (read_meta(path).get("classifier") or {}).get("labels")
     if not labels:  # checked before the weights load
         raise UserError(f"{path} is not a classifier: it was not fine-tuned with `gptforge finetune classify`")
-    if ns.batch_size < 1:
-        raise UserError(f"--batch_size must be >= 1, got {ns.batch_size}")
     device = pick_device(ns.device)
     model, tokenizer, _ = load_model(path, device)
 
@@ -353,11 +371,12 @@ def cmd_chat(ns) -> None:
     from gptforge.checkpoint import load_model
     from gptforge.common import pick_device
 
+    sample = SampleConfig(**_fields(ns, "sample")).validate()
     device = pick_device(ns.device)
     model, tokenizer, meta = load_model(Path(ns.checkpoint), device)
     if meta.get("classifier") or not tokenizer.has_chat_template:
         raise UserError(f"{ns.checkpoint}: {NO_TEMPLATE}")
-    run_chat(ChatSession(model, tokenizer, SampleConfig(**vars(ns.sample)), device, system=ns.system))
+    run_chat(ChatSession(model, tokenizer, sample, device, system=ns.system))
 
 
 def _api_key(ns) -> Optional[str]:
@@ -388,8 +407,6 @@ def cmd_synth(ns) -> None:
         prompt = Path(ns.prompt_file).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"cannot read prompt file {ns.prompt_file}: {e}") from None
-    if ns.timeout <= 0 or ns.retries < 0:
-        raise UserError("--timeout must be > 0 and --retries >= 0")
     delimiters = parse_delimiters(ns.delimiters)
     tags = [t.strip() for t in ns.tags.split(",") if t.strip()] if ns.tags else []
     client = ChatClient(ns.endpoint, ns.model, api_key=_api_key(ns), timeout=ns.timeout, retries=ns.retries)
@@ -446,16 +463,32 @@ COMMANDS = {"prepare": cmd_prepare, "train": cmd_train, "generate": cmd_generate
             "import-gpt2": cmd_import_gpt2, "export-hf": cmd_export_hf, "eval": cmd_eval, "serve": cmd_serve}
 
 
+# Ranges of the options that are not config fields (those are checked by the configs' validate()).
+_TIMEOUTS = {"timeout": "(0, 86400]", "retries": "[0, inf)"}  # a socket takes no timeout beyond time_t
+CLI_RANGES = {
+    "quickstart": {"minutes": "(0, inf)", "steps": "[1, inf)"}, "classify": {"batch_size": "[1, inf)"},
+    "judge": {**_TIMEOUTS, "concurrency": "[1, inf)"},
+    "synth": {**_TIMEOUTS, "n": "[1, inf)", "temperature": "[0, inf)", "max_tokens": "[1, inf)",
+              "concurrency": "[1, inf)", "max_misses": "[1, inf)"},
+    "eval": {"stride": "[1, inf)", "limit": "[1, inf)", "batch_size": "[1, inf)"},
+}
+
+
 def main(argv: Optional[list[str]] = None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
-    ns = parser.parse_args(argv)
     try:
+        ns = parser.parse_args(argv)
+    except (ArgumentError, UnicodeDecodeError) as e:  # a config file that is not UTF-8 escapes as the latter
+        usage_error(parser, argv, e, COMMANDS)
+    try:
+        check_ranges(getattr(ns, ns.command), "--", CLI_RANGES.get(ns.command, {}))
         COMMANDS[ns.command](getattr(ns, ns.command))
     except UserError as e:
         print(f"gptforge: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-    except KeyboardInterrupt:
-        print("gptforge: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:  # 130 = 128 + SIGINT, the shell's convention
+        print(f"gptforge: interrupted{f' {e}' if str(e) else ''}", file=sys.stderr)
         raise SystemExit(130) from None
 
 

@@ -222,7 +222,7 @@ def seed_everything(seed: int) -> None:
 
     random.seed(seed)
     np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
+    torch.manual_seed(seed % (2**64))  # torch takes 64 bits; a seed near 2**64 plus a rank would not fit
 
 
 def is_out_of_memory(error: BaseException) -> bool:

@@ -16,6 +16,44 @@ import yaml
 
 from gptforge.common import UserError
 
+SEED_MAX = 2**64 - 1  # torch.manual_seed takes any unsigned 64-bit seed
+
+
+def check_ranges(cfg: Any, prefix: str, ranges: dict[str, str]) -> None:
+    """Refuse, in one line naming the field (prefix + name: "train.lr", "--timeout"), the first value
+    outside its range.
+
+    ranges maps a field to an interval such as "[0, 1)" or "(0, inf)"; None (an unset Optional) passes,
+    a list is checked item by item, and nan never passes. An "inf)" bound refuses infinity itself."""
+    for name, interval in ranges.items():
+        value = getattr(cfg, name)
+        for item in value if isinstance(value, list) else [value]:
+            if item is not None and not _inside(item, interval):
+                finite = "a finite number " if isinstance(item, float) and not math.isfinite(item) else ""
+                raise UserError(f"{prefix}{name} must be {finite}{_describe(interval)}, got {item!r}")
+
+
+def _bounds(interval: str) -> tuple[float, float]:
+    # ints stay ints, so a seed bound such as 2**64 - 1 is compared exactly
+    return tuple(int(b) if b.lstrip("-").isdigit() else float(b)
+                 for b in (part.strip(" [()]") for part in interval.split(",")))
+
+
+def _inside(value: Any, interval: str) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    lo, hi = _bounds(interval)
+    above = value > lo if interval[0] == "(" else value >= lo
+    below = value < hi if interval[-1] == ")" else value <= hi
+    return above and below
+
+
+def _describe(interval: str) -> str:
+    lo, hi = _bounds(interval)
+    if hi == math.inf:
+        return f"{'>' if interval[0] == '(' else '>='} {lo}"
+    return f"in {interval}"
+
 
 @dataclass
 class ModelConfig:
@@ -119,6 +157,11 @@ class DataConfig:
     max_documents: Optional[int] = None
     """Stop after this many documents (handy for a quick look at a huge dataset)."""
 
+    def validate(self) -> "DataConfig":
+        check_ranges(self, "data.", {"bpe_vocab_size": "[1, inf)", "val_fraction": "[0, 1)",
+                                    "shard_tokens": "[1, inf)", "num_proc": "[0, inf)", "max_documents": "[1, inf)"})
+        return self
+
 
 @dataclass
 class TrainConfig:
@@ -202,6 +245,17 @@ class TrainConfig:
     progress: bool = True
     """Show a progress bar."""
 
+    def validate(self) -> "TrainConfig":
+        check_ranges(self, "train.", {
+            "seed": f"[0, {SEED_MAX}]", "micro_batch_size": "[1, inf)", "tokens_per_step": "[1, inf)",
+            "max_steps": "[1, inf)", "time_limit_s": "(0, inf)", "lr": "(0, inf)", "muon_lr": "(0, inf)",
+            "muon_momentum": "[0, 1)", "min_lr_ratio": "[0, 1]", "warmup_steps": "[0, inf)",
+            "lr_decay_steps": "[1, inf)", "weight_decay": "[0, inf)", "beta1": "[0, 1)", "beta2": "[0, 1)",
+            "grad_clip": "[0, inf)", "eval_every": "[0, inf)", "eval_batches": "[1, inf)", "log_every": "[1, inf)",
+            "sample_every": "[0, inf)", "sample_tokens": "[1, inf)", "eval_tasks_every": "[0, inf)",
+            "eval_tasks_limit": "[0, inf)", "checkpoint_every": "[0, inf)", "early_stop_patience": "[0, inf)"})
+        return self
+
 
 FINETUNE_MODES = ("text", "classify", "instruct", "chat")
 
@@ -214,7 +268,8 @@ class FinetuneConfig:
     """Training data: text (.txt file/folder or .jsonl {text, tag}), classify (.tsv/.csv/.jsonl text+label),
     instruct (Alpaca .json/.jsonl), chat (.jsonl conversations or an OpenAssistant tree export)."""
     epochs: float = 3.0
-    """Passes over the training split; sets the number of steps (0 = use --train.max_steps)."""
+    """Passes over the training split; sets the number of steps, unless --train.max_steps is given: an explicit
+    step count wins (0 = use --train.max_steps; the Python API counts epochs unless this is 0)."""
     evals_per_epoch: int = 1
     """Validation (and a per-epoch checkpoint) this many times per epoch."""
     val_fraction: Optional[float] = None
@@ -254,6 +309,14 @@ class FinetuneConfig:
     lora_dropout: float = 0.0
     """Dropout on the adapters' input."""
 
+    def validate(self) -> "FinetuneConfig":
+        check_ranges(self, "finetune.", {
+            "epochs": "[0, inf)", "evals_per_epoch": "[1, inf)", "val_fraction": "[0, 1)", "test_fraction": "[0, 1)",
+            "split_seed": f"[0, {SEED_MAX}]", "train_last_blocks": "[0, inf)", "response_tokens": "[1, inf)",
+            "lr_sweep": "(0, inf)", "sweep_steps": "[1, inf)", "lora_rank": "[0, inf)", "lora_alpha": "(0, inf)",
+            "lora_dropout": "[0, 1)"})
+        return self
+
 
 @dataclass
 class SampleConfig:
@@ -276,6 +339,12 @@ class SampleConfig:
     num_samples: int = 1
     """Samples per prompt (generated as one batch)."""
 
+    def validate(self) -> "SampleConfig":
+        check_ranges(self, "sample.", {
+            "max_new_tokens": "[1, inf)", "temperature": "[0, inf)", "top_k": "[0, inf)", "top_p": "(0, 1]",
+            "repetition_penalty": "(0, inf)", "seed": f"[0, {SEED_MAX}]", "num_samples": "[1, inf)"})
+        return self
+
 
 @dataclass
 class RunConfig:
@@ -285,6 +354,13 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+
+    def validate(self) -> "RunConfig":
+        """Every section's ranges, before any work (the model's preset and fields included)."""
+        resolve_model_config(self.model)
+        for section in (self.data, self.train, self.sample):
+            section.validate()
+        return self
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

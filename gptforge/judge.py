@@ -64,13 +64,25 @@ class RequestFailed(Exception):
     """One request failed for good (timeout, 5xx/429 after retries, a 4xx about this request)."""
 
 
+class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
+    """Answer a redirect with its HTTPError instead of following it: urllib's default handler would resend
+    the Authorization header to whatever host Location names, as a GET whose reply could pass for a score."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None
+
+
+_OPENER = urllib.request.build_opener(_RefuseRedirects)
+
+
 @dataclass
 class ChatClient:
     """Minimal client for POST {endpoint}/chat/completions with retries and a per-request timeout.
 
     Retried, with exponential backoff (backoff * 2**attempt s, or the server's Retry-After if longer):
     connection errors, timeouts, 5xx and 429. Other 4xx are not retried: 401/403/404 mean every request
-    would fail the same way (UserError at once); the rest fail only this request.
+    would fail the same way (UserError at once); the rest fail only this request. A redirect is a UserError
+    naming its target, never followed: the key is sent to this endpoint's origin only.
     timeout bounds each wait on the server (connecting, and every read): a server that stops answering is
     caught; one that keeps trickling bytes is not.
     """
@@ -99,9 +111,13 @@ class ChatClient:
             last = attempt == self.retries
             request = urllib.request.Request(self.endpoint, data=body, headers=headers, method="POST")
             try:
-                with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                with _OPENER.open(request, timeout=self.timeout) as response:
                     return _message_text(response.read())
             except urllib.error.HTTPError as e:
+                if 300 <= e.code < 400:
+                    raise UserError(f"{self.endpoint} redirected (HTTP {e.code}) to {e.headers.get('Location')}; "
+                                    "redirects are not followed, so the API key stays with this endpoint: "
+                                    "give the final URL as --endpoint") from None
                 detail = _error_detail(e)
                 if e.code in (401, 403):
                     raise UserError(f"{self.endpoint} refused the request (HTTP {e.code}: {detail}); "

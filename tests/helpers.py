@@ -46,23 +46,36 @@ def kill_after_checkpoint(args: list[str], run_dir: Path, min_step: int, timeout
     rerun does)."""
     import json
     import signal
-    import time
 
     from gptforge.checkpoint import run_checkpoint
 
-    proc = subprocess.Popen([sys.executable, "-m", "gptforge", *args], env={**os.environ, "PYTHONPATH": str(REPO)},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    meta = Path(run_dir) / "checkpoints" / "latest" / "meta.json"
-    deadline = time.time() + timeout
-    while time.time() < deadline and proc.poll() is None:
-        try:
-            if json.loads(meta.read_text())["step"] >= min_step:
-                break
-        except (FileNotFoundError, json.JSONDecodeError, KeyError):
-            pass
-        time.sleep(0.005)
-    assert proc.poll() is None, "the run finished before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    signal_after_checkpoint(args, run_dir, min_step, signal.SIGKILL, timeout)
     run_checkpoint(Path(run_dir), "latest")
-    return json.loads(meta.read_text())["step"]
+    return json.loads((Path(run_dir) / "checkpoints" / "latest" / "meta.json").read_text())["step"]
+
+
+def signal_after_checkpoint(args: list[str], run_dir: Path, min_step: int, sig: int,
+                            timeout: float = 120) -> tuple[int, str]:
+    """Run `python -m gptforge ARGS`, send it `sig` once run_dir's `latest` checkpoint reaches min_step, and
+    return its exit status and standard error once it has ended."""
+    import json
+    import tempfile
+    import time
+
+    with tempfile.TemporaryFile("w+") as err:  # a file, not a pipe: nobody reads while the run goes on
+        proc = subprocess.Popen([sys.executable, "-m", "gptforge", *args],
+                                env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.DEVNULL, stderr=err)
+        meta = Path(run_dir) / "checkpoints" / "latest" / "meta.json"
+        deadline = time.time() + timeout
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                if json.loads(meta.read_text())["step"] >= min_step:
+                    break
+            except (FileNotFoundError, json.JSONDecodeError, KeyError):
+                pass
+            time.sleep(0.005)
+        assert proc.poll() is None, "the run finished before the signal could be sent"
+        proc.send_signal(sig)
+        code = proc.wait(timeout=timeout)
+        err.seek(0)
+        return code, err.read()

@@ -29,7 +29,7 @@ def fails_with(capsys, argv, *fragments):
         main(argv)
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip()
-    assert "Traceback" not in err
+    assert "Traceback" not in err and len(err.splitlines()) <= 3, err  # reason (+ a guess) (+ where help is)
     for fragment in fragments:
         assert fragment in err, err
     return err
@@ -125,19 +125,15 @@ def test_bad_data_inputs(tmp_path, capsys):
 def test_bad_config_keys_and_types(tmp_path, capsys):
     bad_key = tmp_path / "bad_key.yaml"
     bad_key.write_text("train:\n  lrr: 0.1\n")
-    with pytest.raises(SystemExit) as exc:
-        main(["train", "--config", str(bad_key)])
-    assert exc.value.code == 2
-    assert "lrr" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as exc:
-        main(["train", "--train.lr", "fast"])
-    assert exc.value.code == 2
-    assert "train.lr" in capsys.readouterr().err
+    assert fails_with(capsys, ["train", "--config", str(bad_key)]).splitlines() == [
+        "gptforge: error: unknown option or config key 'train.lrr'", "did you mean --train.lr?",
+        "see: gptforge train --help"]
+    assert fails_with(capsys, ["train", "--train.lr", "fast"]).splitlines() == [
+        "gptforge: error: --train.lr expects float, got 'fast'", "see: gptforge train --help"]
     broken_yaml = tmp_path / "broken.yaml"
     broken_yaml.write_text("train: [unclosed\n")
-    with pytest.raises(SystemExit) as exc:
-        main(["train", "--config", str(broken_yaml)])
-    assert exc.value.code == 2
+    fails_with(capsys, ["train", "--config", str(broken_yaml)], f"{broken_yaml} is not valid YAML", "line 2")
+    fails_with(capsys, ["train", "--config", str(tmp_path / "missing.yaml")], "missing.yaml", "does not exist")
     fails_with(capsys, ["train", "--model.preset", "gpt5", "--train.run_dir", str(tmp_path / "r"),
                         "--data.source", str(write_corpus(tmp_path / "c.txt")), "--data.tokenizer", "byte",
                         "--train.progress", "false"], "unknown model preset")
@@ -156,6 +152,47 @@ def test_out_of_memory_suggests_smaller_micro_batch(tmp_path, capsys, monkeypatc
                         "--data.source", str(write_corpus(tmp_path / "c.txt")), "--data.tokenizer", "byte",
                         "--data.num_proc", "1", "--train.progress", "false", "--train.micro_batch_size", "64"],
                "out of memory", "micro_batch_size")
+
+
+@pytest.mark.parametrize("argv,lines", [
+    (["train", "--train.max_stps", "5"], ["gptforge: error: unrecognized arguments: --train.max_stps 5",
+                                          "did you mean --train.max_steps?", "see: gptforge train --help"]),
+    (["finetune", "text", "--from", "x", "--finetune.lora_rnk", "4"],
+     ["gptforge: error: unrecognized arguments: --finetune.lora_rnk 4", "did you mean --finetune.lora_rank?",
+      "see: gptforge finetune --help"]),
+    (["trian"], ["gptforge: error: argument command: invalid choice: 'trian' (choose from 'prepare', 'train', "
+                 "'generate', 'quickstart', 'finetune', 'merge-lora', 'classify', 'chat', 'judge', 'synth', "
+                 "'import-gpt2', 'export-hf', 'eval', 'serve')", "did you mean train?", "see: gptforge --help"]),
+    (["generate"], ["gptforge: error: the following arguments are required: generate.checkpoint",
+                    "see: gptforge generate --help"]),
+])
+def test_parser_errors_are_the_reason_a_guess_and_where_help_is(capsys, argv, lines):
+    assert fails_with(capsys, argv).splitlines() == lines  # no usage dump
+
+
+def test_rerunning_a_finished_run_says_it_is_complete(tmp_path, capsys):
+    args = ["train", "--model.preset", "tiny", "--train.run_dir", str(tmp_path / "r"), "--data.source",
+            str(write_corpus(tmp_path / "c.txt")), "--data.tokenizer", "byte", "--data.num_proc", "1",
+            "--train.progress", "false", "--train.max_steps", "2", "--train.eval_every", "0"]
+    main(args)
+    first = capsys.readouterr().out
+    main(args)
+    again = capsys.readouterr().out
+    assert "already complete at step 2" in again and "raise --train.max_steps" in again
+    assert "nan" not in again
+    assert first.splitlines()[-1].startswith("done: step 2, train loss ")
+    assert again.splitlines()[-1].startswith("done: step 2, train loss ")  # the loss the run ended on
+    main(args + ["--train.max_steps", "3"])
+    assert "resuming from" in capsys.readouterr().out
+    assert json.loads((tmp_path / "r/checkpoints/latest/meta.json").read_text())["step"] == 3
+
+
+def test_seeds_take_the_whole_unsigned_64_bit_range(checkpoint, capsys):
+    argv = ["generate", str(checkpoint), "--prompt", "a", "--sample.max_new_tokens", "3", "--device", "cpu"]
+    main(argv + ["--sample.seed", str(2**64 - 1)])
+    assert capsys.readouterr().out.startswith("a")
+    fails_with(capsys, argv + ["--sample.seed", str(2**64)], "sample.seed must be in [0, 18446744073709551615]")
+    fails_with(capsys, argv + ["--sample.seed", "-1"], "sample.seed")
 
 
 def test_resume_refuses_a_different_model(tmp_path, capsys):

@@ -2,6 +2,7 @@
 bitwise resume after SIGKILL), frozen blocks, learning-rate sweeps, and the errors a user can hit."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ from gptforge.checkpoint import load_model, save_checkpoint
 from gptforge.config import ModelConfig
 from gptforge.model import GPT, GPTClassifier
 from gptforge.tokenizer import ByteTokenizer
-from helpers import kill_after_checkpoint, run_cli
+from helpers import kill_after_checkpoint, run_cli, write_corpus
 
 # Slices of real data (tests/fixtures/README.md says where each comes from)
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -206,3 +207,14 @@ def test_resuming_a_run_in_another_mode_is_refused(base, tmp_path):
     res = run_cli("finetune", "instruct", "--from", str(base), "--data", str(ALPACA),
                   "--train.run_dir", str(run), "--train.device", "cpu")  # --data: short for --finetune.data
     assert res.returncode == 2 and "holds a text run" in res.stderr
+
+
+def test_an_explicit_max_steps_wins_over_epochs(base, tmp_path):
+    corpus = tmp_path / "paragraphs.txt"  # a blank line ends a document
+    corpus.write_text(write_corpus(tmp_path / "lines.txt").read_text().replace("\n", "\n\n"))
+    res = finetune("text", base, corpus, tmp_path / "run", "--train.max_steps", "5")
+    assert res.returncode == 0, res.stderr
+    assert ", 5 steps" in res.stdout  # "N steps per epoch, 5 steps", with the default 3 epochs in force
+    assert json.loads((tmp_path / "run/checkpoints/latest/meta.json").read_text())["step"] == 5
+    per_epoch = int(re.search(r"(\d+) steps per epoch", res.stdout)[1])
+    assert 3 * per_epoch != 5  # the epochs would have given another count

@@ -2,6 +2,7 @@
 parsing, retries with backoff, timeouts, unreachable endpoints and malformed input files."""
 
 import json
+import re
 import socket
 import threading
 import time
@@ -11,13 +12,15 @@ import pytest
 
 from gptforge.common import UserError
 from gptforge.judge import format_report, judge_file, parse_score
+from helpers import run_cli
 
 FAST = dict(backoff=0.01, progress=False)  # retries in tests wait milliseconds, not seconds
 
 
 class Stub:
     """A chat-completions server whose answer to each request is decided by `self.reply(body)`: a string
-    (the judge's reply), an int (an HTTP error status), or "hang" (never answer until the test ends)."""
+    (the judge's reply), an int (an HTTP error status), (status, url) (a redirect), or "hang" (never answer
+    until the test ends). A GET (what a followed redirect turns a POST into) is recorded and answered "99"."""
 
     def __init__(self):
         self.requests: list[dict] = []  # {"body": ..., "headers": ...} per request received
@@ -36,11 +39,20 @@ class Stub:
                 if isinstance(answer, int):
                     self._send(answer, {"error": {"message": f"stub status {answer}"}})
                     return
+                if isinstance(answer, tuple):
+                    self._send(answer[0], {}, location=answer[1])
+                    return
                 self._send(200, {"choices": [{"index": 0, "message": {"role": "assistant", "content": answer}}]})
 
-            def _send(self, status, payload):
+            def do_GET(self):
+                stub.requests.append({"path": self.path, "method": "GET", "headers": dict(self.headers)})
+                self._send(200, {"choices": [{"index": 0, "message": {"role": "assistant", "content": "99"}}]})
+
+            def _send(self, status, payload, location=None):
                 data = json.dumps(payload).encode()
                 self.send_response(status)
+                if location:
+                    self.send_header("Location", location)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
@@ -193,6 +205,36 @@ def test_api_key_is_sent_as_bearer_and_rejection_is_clear(stub, tmp_path):
     stub.reply = lambda body: 404
     with pytest.raises(UserError, match="404.*API base"):
         judge_file(path, stub.url, "m", **FAST)
+
+
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+def test_a_redirect_is_an_error_and_the_key_never_leaves_the_endpoint(stub, tmp_path, status):
+    elsewhere = Stub()  # another port: another origin, which answers anything it is sent with a score
+    try:
+        stub.reply = lambda body: (status, elsewhere.url + "/chat/completions")
+        with pytest.raises(UserError, match=rf"redirected \(HTTP {status}\) to {re.escape(elsewhere.url)}"):
+            judge_file(write_jsonl(tmp_path / "r.jsonl", ITEMS[:1]), stub.url, "m", api_key="sk-secret", retries=3,
+                       **FAST)
+        assert elsewhere.requests == []  # neither the key nor any request went there
+        assert len(stub.requests) == 1  # not retried: every request would be redirected the same way
+        assert stub.requests[0]["headers"]["Authorization"] == "Bearer sk-secret"
+    finally:
+        elsewhere.close()
+
+
+def test_a_redirect_is_one_line_on_the_cli(stub, tmp_path):
+    elsewhere = Stub()
+    try:
+        stub.reply = lambda body: (302, elsewhere.url + "/chat/completions")
+        result = run_cli("judge", str(write_jsonl(tmp_path / "r.jsonl", ITEMS)), "--endpoint", stub.url,
+                         "--model", "m", "--api_key", "sk-secret", timeout=120)
+        assert result.returncode == 2 and "Traceback" not in result.stderr
+        assert result.stderr.strip().splitlines()[-1] == (  # after the progress bar
+            f"gptforge: error: {stub.url}/chat/completions redirected (HTTP 302) to {elsewhere.url}/chat/completions; "
+            "redirects are not followed, so the API key stays with this endpoint: give the final URL as --endpoint")
+        assert elsewhere.requests == [] and "sk-secret" not in result.stderr + result.stdout
+    finally:
+        elsewhere.close()
 
 
 def test_a_rejection_does_not_wait_for_requests_in_flight(stub, tmp_path):

@@ -19,6 +19,7 @@ LAYERS = {
     "gptforge.train": 5,
     "gptforge.quickstart": 6, "gptforge.serve": 6, "gptforge.judge": 6, "gptforge.cli": 6, "gptforge.__main__": 7,
     "gptforge.chat": 6, "gptforge.synth": 6,
+    "gptforge.cli_errors": 6,
 }
 
 

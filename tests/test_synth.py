@@ -170,3 +170,16 @@ def test_synth_and_judge_commands(stub, tmp_path):
     assert stub.requests[0]["headers"]["Authorization"] == "Bearer sk-arg"
     assert [json.loads(line)["score"] for line in (tmp_path / "judged.jsonl").read_text().splitlines()] == [80, 40, 80]
     assert json.loads((tmp_path / "report.json").read_text())["mean"] == pytest.approx(200 / 3)
+
+
+def test_a_redirect_ends_the_run_and_the_key_stays_with_the_endpoint(stub, tmp_path):
+    elsewhere = Stub()  # another port: another origin, answering anything with "99"
+    try:
+        stub.reply = lambda body: (302, elsewhere.url + "/chat/completions")
+        client = ChatClient(stub.url, "gen-model", api_key="sk-secret", backoff=0.01)
+        with pytest.raises(UserError, match=r"redirected \(HTTP 302\) to http://127\.0\.0\.1"):
+            synthesize(tmp_path / "out.txt", client, "Describe a place.", 3, delimiters=DELIMS, progress=False)
+        assert elsewhere.requests == []
+        assert not (tmp_path / "out.txt").exists() or "99" not in (tmp_path / "out.txt").read_text()
+    finally:
+        elsewhere.close()

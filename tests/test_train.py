@@ -3,6 +3,8 @@ DDP processes follow the same loss trajectory as one process with the same globa
 
 import json
 import math
+import re
+import signal
 import sys
 from pathlib import Path
 
@@ -14,7 +16,7 @@ from gptforge.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from gptforge.data.prepare import prepare
 from gptforge.train.optim import lr_at
 from gptforge.train.pretrain import run_training
-from helpers import kill_after_checkpoint, run_cli, tiny_train_args, write_corpus
+from helpers import kill_after_checkpoint, run_cli, signal_after_checkpoint, tiny_train_args, write_corpus
 
 # the first 16 rows of HellaSwag validation (tests/fixtures/README.md)
 HELLASWAG = Path(__file__).parent / "fixtures" / "hellaswag_val_first16.jsonl"
@@ -92,6 +94,27 @@ def test_resume_after_sigkill_is_bitwise_identical(byte_data, tmp_path):
     # the resumed run's metrics continue the interrupted ones without duplicate steps
     steps = [r["step"] for r in read_metrics(killed) if "loss" in r]
     assert steps == sorted(set(steps)) and steps[-1] == 150
+
+
+def test_ctrl_c_saves_latest_and_exits_130(byte_data, tmp_path):
+    run_dir = tmp_path / "run"
+    args = tiny_train_args(byte_data, run_dir, "--train.max_steps", "100000", "--train.checkpoint_every", "5",
+                           "--train.eval_every", "0")
+    code, err = signal_after_checkpoint(args, run_dir, min_step=5, sig=signal.SIGINT)
+    assert code == 130, err
+    assert "Traceback" not in err
+    line = err.strip().splitlines()[-1]
+    stopped = re.fullmatch(r"gptforge: interrupted at step (\d+); saved .*latest\. Run the same command again to "
+                           r"resume", line)
+    assert stopped, line
+    step = int(stopped[1])
+    assert step >= 5
+    assert json.loads((run_dir / "checkpoints/latest/meta.json").read_text())["step"] == step  # saved at the stop
+    resumed = run_cli(*tiny_train_args(byte_data, run_dir, "--train.max_steps", str(step + 2),
+                                       "--train.eval_every", "0"))
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"at step {step}" in resumed.stdout
+    assert json.loads((run_dir / "checkpoints/latest/meta.json").read_text())["step"] == step + 2
 
 
 @pytest.mark.slow

@@ -200,10 +200,7 @@ def prepare(cfg: DataConfig, out_dir: Optional[Path] = None, progress: bool = Tr
             raise UserError("no output folder for prepared data; set --data.dir")
         out_dir = cfg.dir
     out_dir = Path(out_dir).expanduser()
-    if cfg.shard_tokens <= 0:
-        raise UserError(f"data.shard_tokens must be positive, got {cfg.shard_tokens}")
-    if cfg.num_proc < 0:
-        raise UserError(f"data.num_proc must be >= 0 (0 = all cores), got {cfg.num_proc}")
+    cfg.validate()
     _check_target(out_dir, overwrite)
     num_proc = cfg.num_proc or os.cpu_count() or 1
 

@@ -49,6 +49,8 @@ def run_finetune(mode: str, base: str, ft: FinetuneConfig, tc: TrainConfig,
     if not ft.data:
         raise UserError("fine-tuning needs data: --finetune.data PATH")
     sample = sample or SampleConfig()
+    for options in (ft, tc, sample):
+        options.validate()
     own_runtime = runtime is None
     runtime = runtime or setup_runtime(tc.device, tc.dtype)
     try:

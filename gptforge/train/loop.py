@@ -45,6 +45,14 @@ class LoopResult:
     elapsed_s: float
     stopped_early: bool
 
+    def summary(self) -> str:
+        """Step, losses and time, for the end-of-run line. A train loss never logged (a run found complete
+        already, whose metrics are gone) is left out rather than shown as nan."""
+        losses = {"train loss": self.train_loss, "best val loss": self.best_val_loss}
+        shown = [f"{name} {value:.4f}" for name, value in losses.items()
+                 if value is not None and math.isfinite(value)]
+        return ", ".join([f"step {self.step}", *shown, f"{self.elapsed_s:.1f}s"])
+
 
 def grad_accum_steps(cfg: RunConfig, world_size: int) -> int:
     per_micro = cfg.train.micro_batch_size * cfg.model.block_size * world_size
@@ -137,6 +145,12 @@ def train_loop(model: GPT, tokenizer: Tokenizer, train_batches: BatchSource,
         if runtime.is_main:
             metrics.truncate_after(step)
         runtime.print(f"resuming from {resume_from} at step {step}")
+        if step >= tc.max_steps:  # nothing to train: say so, with the loss the run ended on (not a nan)
+            runtime.print(f"the run in {run_dir} is already complete at step {step} (train.max_steps "
+                          f"{tc.max_steps}); to train further, raise --train.max_steps")
+            losses = [r["loss"] for r in metrics.read() if "loss" in r]
+            return LoopResult(step=step, train_loss=losses[-1] if losses else float("nan"), best_val_loss=best_val,
+                              last_val_loss=None, tokens_per_s=0.0, elapsed_s=elapsed_before, stopped_early=False)
 
     if tc.activation_checkpointing:  # here, so every mode (pretraining, each fine-tuning) gets it
         raw_model.set_activation_checkpointing(True)
@@ -271,10 +285,10 @@ def train_loop(model: GPT, tokenizer: Tokenizer, train_batches: BatchSource,
                 runtime.print(f"stopping at step {step}: {reason}")
                 stopped_early = True
                 break
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ctrl-C: keep the progress, then end as an interrupt (exit 130 on the CLI)
         save_latest()
-        raise UserError(f"interrupted at step {step}; saved {run_dir / CHECKPOINTS / 'latest'}. "
-                        "Run the same command again to resume") from None
+        raise KeyboardInterrupt(f"at step {step}; saved {run_dir / CHECKPOINTS / 'latest'}. "
+                                "Run the same command again to resume") from None
     except RuntimeError as e:  # torch.OutOfMemoryError on CUDA; a plain RuntimeError on CPU and MPS
         if not is_out_of_memory(e):
             raise

@@ -102,6 +102,7 @@ def make_task_fn(cfg: RunConfig, tokenizer: Tokenizer, runtime: Runtime):
 
 def run_training(cfg: RunConfig, runtime: Optional[Runtime] = None) -> LoopResult:
     """`gptforge train`: prepare data if needed, build or resume the model, run the loop."""
+    cfg.validate()
     own_runtime = runtime is None
     runtime = runtime or setup_runtime(cfg.train.device, cfg.train.dtype)
     try:

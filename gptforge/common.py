@@ -6,6 +6,7 @@ This is the only module that reads the torchrun environment (RANK, LOCAL_RANK, W
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import random
 import shutil
@@ -47,7 +48,8 @@ def cache_dir() -> Path:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write via a temp file in the same folder + rename, so readers never see half a file."""
+    """Write via a temp file in the same folder + rename, so readers never see half a file (and a full disk
+    is a UserError that leaves the old file as it was)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -58,9 +60,11 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             os.fsync(f.fileno())
         os.chmod(tmp, default_file_mode())  # mkstemp makes 0600; give the file the usual permissions
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if _is_disk_full(e):
+            raise UserError(_no_space(path, len(data))) from None
         raise
 
 
@@ -81,8 +85,6 @@ def write_dir_atomically(target: Path, fill: Callable[[Path], T], size_hint: int
     `recover_interrupted_swap`, which also removes the temp dirs of killed writers); a failing `fill`
     leaves the old one untouched, and a full disk is a UserError saying how much space the write needs
     (about size_hint bytes, or what the old directory holds). Returns fill's result."""
-    import errno
-
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     check_replaceable(target)
@@ -104,7 +106,7 @@ def write_dir_atomically(target: Path, fill: Callable[[Path], T], size_hint: int
         except BaseException as e:
             written = _tree_size(tmp)
             shutil.rmtree(tmp, ignore_errors=True)
-            if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            if _is_disk_full(e):
                 raise UserError(_no_space(target, max(size_hint, written, _tree_size(target)))) from None
             raise
         if target.exists():
@@ -133,7 +135,7 @@ def recover_interrupted_swap(target: Path) -> None:
     target = Path(target)
     old = target.parent / f".{target.name}.old"
     if old.is_symlink() or (old.exists() and not old.is_dir()):
-        with contextlib.suppress(OSError):  # not ours: our .old is always a real folder; the link only goes
+        with contextlib.suppress(OSError):  # ours is always a real folder: a link there goes, unfollowed
             old.unlink()
     elif not target.exists() and not target.is_symlink() and old.is_dir():
         os.rename(old, target)
@@ -195,6 +197,10 @@ def _tree_size(folder: Path) -> int:
     if Path(folder).is_symlink() or not Path(folder).is_dir():
         return 0
     return sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file() and not f.is_symlink())
+
+
+def _is_disk_full(error: BaseException) -> bool:
+    return isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 def _no_space(target: Path, needed: int) -> str:

@@ -304,7 +304,7 @@ def cases() -> list[tuple[str, str, Mutation, str]]:
         ("index weight_map numbers", edit_json(index, lambda d: {**d, "weight_map": {k: 1 for k in d["weight_map"]}})),
         ("index weight_map lists", edit_json(index, lambda d: {**d, "weight_map": {k: [v] for k, v in d["weight_map"].items()}})),
         ("index points to /etc/passwd", edit_json(index, lambda d: {**d, "weight_map": {**d["weight_map"], "wte.weight": "/etc/passwd"}})),
-        ("index points to ../", edit_json(index, lambda d: {**d, "weight_map": {**d["weight_map"], "wte.weight": "../hf/model.safetensors"}})),
+        ("index points to ../", edit_json(index, lambda d: {**d, "weight_map": {**d["weight_map"], "wte.weight": "../../../hf/model.safetensors"}})),
         ("index weight_map missing", write(index, "{}")),
         ("index is a list", write(index, "[]")),
         ("index link to /dev/zero", link(index, "/dev/zero")),

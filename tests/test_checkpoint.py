@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from gptforge.checkpoint import load_model, run_checkpoint, save_checkpoint
-from gptforge.common import UserError, default_file_mode, recover_interrupted_swap, write_dir_atomically
+from gptforge.common import UserError, atomic_write_bytes, default_file_mode, recover_interrupted_swap, write_dir_atomically
 from gptforge.config import ModelConfig
 from gptforge.model import GPT
 from gptforge.tokenizer import build_tokenizer
@@ -183,6 +183,9 @@ def test_a_really_full_disk_is_one_line_too(tiny_tmpfs):
     with pytest.raises(UserError, match=f"no space left on the device to write {target}"):
         save_checkpoint(target, big, tok, step=2)
     assert load_model(target)[2]["step"] == 1
+    assert sorted(p.name for p in tiny_tmpfs.iterdir()) == ["latest"]
+    with pytest.raises(UserError, match="no space left on the device to write .*big.json: it needs about 1.049MB"):
+        atomic_write_bytes(tiny_tmpfs / "big.json", b" " * (1 << 20))
     assert sorted(p.name for p in tiny_tmpfs.iterdir()) == ["latest"]
 
 

@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 
 from gptforge.common import UserError
-from gptforge.config import MODEL_LIMITS, ModelConfig, RunConfig, from_dict, resolve_model_config
-from gptforge.files import read_json
+from gptforge.config import ModelConfig, RunConfig, from_dict, resolve_model_config
 from helpers import REPO, run_cli
 
 import hostile_files
@@ -57,6 +56,8 @@ def test_hostile_checkpoint_in_a_real_process(work, name):
 
 # --- the validating reader ---------------------------------------------------------------------------------
 def test_read_json_refuses_what_is_not_a_small_regular_json_file_inside_its_folder(tmp_path):
+    from gptforge.files import read_json
+
     root = tmp_path / "ckpt"
     root.mkdir()
     (root / "ok.json").write_text('{"a": 1}')
@@ -96,13 +97,15 @@ def test_from_dict_checks_types_from_the_annotations():
 
 
 def test_model_config_checks_positivity_before_dividing_and_refuses_absurd_sizes():
+    from gptforge.config import MODEL_LIMITS
+
     with pytest.raises(UserError, match="n_head must be positive"):
         resolve_model_config(ModelConfig(n_head=0))
     for name, value in [("n_layer", 100_000), ("block_size", 10**12), ("n_embd", 10**12), ("vocab_size", 10**12)]:
         with pytest.raises(UserError, match=f"model.{name}={value} is beyond the largest supported"):
             ModelConfig(**{name: value, **({"n_head": 1} if name == "n_embd" else {})}).validate()
     with pytest.raises(UserError, match="parameters, beyond the largest supported"):  # each size allowed, not all
-        ModelConfig(n_layer=1024, n_head=64, n_embd=MODEL_LIMITS["n_embd"]).validate()
+        ModelConfig(n_layer=MODEL_LIMITS["n_layer"], n_head=64, n_embd=MODEL_LIMITS["n_embd"]).validate()
 
 
 def test_parameter_count_from_the_config_matches_the_model():
@@ -111,3 +114,11 @@ def test_parameter_count_from_the_config_matches_the_model():
     for bias, tie in [(True, True), (False, False)]:
         cfg = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=100, bias=bias, tie_embeddings=tie)
         assert cfg.parameter_count == sum(p.numel() for p in GPT(cfg).parameters())
+
+
+@pytest.mark.parametrize("option, value, fragment", [("n_head", "0", "model.n_head must be positive"),
+                                                     ("n_layer", "100000", "model.n_layer=100000 is beyond")])
+def test_cli_model_options_that_cannot_be_built_are_one_line(work, tmp_path, option, value, fragment):
+    result = run_cli("train", "--model.preset", "tiny", f"--model.{option}", value, "--data.dir", str(work / "data"),
+                     "--train.run_dir", str(tmp_path / "run"), *hostile_files.TINY, timeout=120)
+    assert one_line_refusal(result.returncode, result.stderr) and fragment in result.stderr, result.stderr

@@ -144,8 +144,8 @@ def read_meta(path: Path) -> dict:
             checked(meta[key], annotation, f"{where}: {key}")
     if meta.get("format", FORMAT_VERSION) > FORMAT_VERSION:
         raise UserError(f"{path} was written by a newer gptforge (format {meta['format']}); upgrade gptforge")
-    labels = (meta.get("classifier") or {"labels": ["-"]})["labels"]
-    if not labels or len(set(labels)) != len(labels):
+    labels = meta["classifier"]["labels"] if "classifier" in meta else None
+    if labels is not None and (not labels or len(set(labels)) != len(labels)):
         raise UserError(f"{where}: classifier.labels must be distinct class names, got {labels[:5]}")
     if meta.get("lora"):
         checked(meta.get("base"), str, f"{where}: base (the base checkpoint of LoRA adapters)")

@@ -18,20 +18,25 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from gptforge import __version__
-from gptforge.common import UserError, recover_interrupted_swap, write_dir_atomically
-from gptforge.config import ModelConfig, from_dict
+from gptforge.common import UserError, check_replaceable, recover_interrupted_swap, write_dir_atomically
+from gptforge.config import ModelConfig, checked, from_dict
+from gptforge.files import read_json, regular_file, safetensors_header
 from gptforge.lora import LoRAConfig, apply_lora, has_lora
 from gptforge.model import GPT, GPTClassifier
 from gptforge.tokenizer import Tokenizer, load_tokenizer
+from gptforge.trainer_state import (check_trainer_state, flatten_optimizer_state, restore_optimizer,  # noqa: F401
+                                    unflatten_optimizer_state)
 
 FORMAT_VERSION = 1
 WEIGHTS, MODEL_CONFIG, META, TOKENIZER_DIR, TRAINER_DIR = (
@@ -50,6 +55,17 @@ def model_state_for_saving(model: GPT, adapters_only: bool = False) -> dict[str,
     return state
 
 
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: Optional[dict] = None) -> None:
+    """safetensors' save_file, whose I/O errors (a full disk above all) become the OSError they are."""
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except SafetensorError as e:
+        code = re.search(r"os error (\d+)", str(e))
+        if code:
+            raise OSError(int(code.group(1)), str(e), str(path)) from None
+        raise
+
+
 def save_checkpoint(path: Path, model: GPT, tokenizer: Tokenizer, step: int = 0,
                     val_loss: Optional[float] = None, trainer_state: Optional[dict] = None,
                     optimizer: Optional[torch.optim.Optimizer] = None, extra_meta: Optional[dict] = None) -> None:
@@ -58,9 +74,12 @@ def save_checkpoint(path: Path, model: GPT, tokenizer: Tokenizer, step: int = 0,
     adapters_only = bool((extra_meta or {}).get("lora"))
     if adapters_only != has_lora(model):
         raise ValueError("a model with LoRA adapters is saved with extra_meta lora + base, and only then")
+    weights = model_state_for_saving(model, adapters_only)
+    optimizer_tensors, layout = flatten_optimizer_state(optimizer.state_dict()) if optimizer else ({}, None)
+    size = sum(t.nbytes for t in (*weights.values(), *optimizer_tensors.values()))
 
     def fill(d: Path) -> None:
-        save_file(model_state_for_saving(model, adapters_only), str(d / WEIGHTS))
+        save_tensors(weights, d / WEIGHTS)
         (d / MODEL_CONFIG).write_text(json.dumps(dataclasses.asdict(model.config), indent=2))
         tokenizer.save(d / TOKENIZER_DIR)
         meta = {"format": FORMAT_VERSION, "gptforge": __version__, "step": step, "val_loss": val_loss,
@@ -71,42 +90,99 @@ def save_checkpoint(path: Path, model: GPT, tokenizer: Tokenizer, step: int = 0,
             (d / TRAINER_DIR).mkdir()
             (d / TRAINER_DIR / "state.json").write_text(json.dumps(trainer_state, indent=2))
             if optimizer is not None:
-                tensors, layout = flatten_optimizer_state(optimizer.state_dict())
-                save_file(tensors, str(d / TRAINER_DIR / "optimizer.safetensors"))
+                save_tensors(optimizer_tensors, d / TRAINER_DIR / "optimizer.safetensors")
                 (d / TRAINER_DIR / "optimizer.json").write_text(json.dumps(layout))
 
-    write_dir_atomically(Path(path), fill)
+    write_dir_atomically(Path(path), fill, size_hint=size)
+
+
+# --- reading: every file is checked before anything is built from it ------------------------------
+def read_checkpoint_json(path: Path, name: str) -> Any:
+    """A JSON file of checkpoint `path`, read by gptforge.files.read_json (bounded, confined to the
+    checkpoint folder, UTF-8)."""
+    try:
+        return read_json(Path(path) / name, root=path)
+    except FileNotFoundError:
+        raise UserError(f"checkpoint {path} has no {name}; it is incomplete or not a checkpoint") from None
 
 
 def read_model_config(path: Path) -> ModelConfig:
+    values = read_checkpoint_json(path, MODEL_CONFIG)
     try:
-        values = json.loads((Path(path) / MODEL_CONFIG).read_text())
-    except FileNotFoundError:
-        raise UserError(f"checkpoint {path} has no {MODEL_CONFIG}; it is incomplete or not a checkpoint") from None
-    except json.JSONDecodeError:
-        raise UserError(f"{Path(path) / MODEL_CONFIG} is corrupt (not JSON)") from None
-    return from_dict(ModelConfig, values, where=MODEL_CONFIG).validate()
+        return from_dict(ModelConfig, values, where=MODEL_CONFIG).validate()
+    except UserError as e:
+        raise UserError(f"checkpoint {path}: {e}") from None
+
+
+@dataclass
+class ClassifierMeta:
+    labels: list[str]
+
+
+@dataclass
+class FinetuneMeta:
+    mode: str
+    base: str
+    data: str
+
+
+# Types of the meta.json keys gptforge writes. Keys it does not know are kept but not used.
+META_FIELDS: dict[str, Any] = {
+    "format": int, "gptforge": str, "step": int, "val_loss": Optional[float], "created": str,
+    "resumable": bool, "tokenizer": str, "classifier": ClassifierMeta, "lora": LoRAConfig, "base": str,
+    "base_fingerprint": str, "finetune": FinetuneMeta, "imported_from": str, "source_layout": str,
+    "revision": Optional[str], "merged_from": str}
+
+
+def read_meta(path: Path) -> dict:
+    meta = read_checkpoint_json(path, META)
+    where = f"{Path(path) / META}"
+    if not isinstance(meta, dict):
+        raise UserError(f"{where} must be a mapping, got {type(meta).__name__}; the checkpoint is corrupt")
+    for key, annotation in META_FIELDS.items():
+        if key in meta:
+            checked(meta[key], annotation, f"{where}: {key}")
+    if meta.get("format", FORMAT_VERSION) > FORMAT_VERSION:
+        raise UserError(f"{path} was written by a newer gptforge (format {meta['format']}); upgrade gptforge")
+    labels = meta["classifier"]["labels"] if "classifier" in meta else None
+    if labels is not None and (not labels or len(set(labels)) != len(labels)):
+        raise UserError(f"{where}: classifier.labels must be distinct class names, got {labels[:5]}")
+    if meta.get("lora"):
+        checked(meta.get("base"), str, f"{where}: base (the base checkpoint of LoRA adapters)")
+        _lora_config(meta, where)
+    return meta
+
+
+def _lora_config(meta: dict, where: str) -> LoRAConfig:
+    try:
+        return from_dict(LoRAConfig, meta["lora"], "lora").validate()
+    except UserError as e:
+        raise UserError(f"{where}: {e}") from None
 
 
 def load_model(path: Path, device: torch.device | str = "cpu") -> tuple[GPT, Tokenizer, dict]:
-    """Load weights, tokenizer and meta from a checkpoint or run directory, checking they agree."""
+    """Load weights, tokenizer and meta from a checkpoint or run directory, checking they agree: every JSON
+    file typed, the weights file's header against the tensors the config implies, all before the model is
+    built or any tensor read."""
     path = resolve_checkpoint(path)
     config = read_model_config(path)
     meta = read_meta(path)
-    tokenizer = load_tokenizer(path / TOKENIZER_DIR)
+    tokenizer = load_tokenizer(path / TOKENIZER_DIR, root=path)
     if tokenizer.vocab_size != config.vocab_size:
         raise UserError(
             f"vocabulary mismatch in {path}: the model has {config.vocab_size} tokens but its tokenizer has "
             f"{tokenizer.vocab_size}; the checkpoint's tokenizer/ folder does not belong to these weights"
         )
+    labels = (meta.get("classifier") or {}).get("labels")
+    lora = _lora_config(meta, str(path / META)) if meta.get("lora") else None
+    check_weights(path, expected_shapes(config, labels, lora), adapters_only=lora is not None)
     state = _read_weights(path)
     with torch.device("meta"):
-        labels = (meta.get("classifier") or {}).get("labels")
         model = GPTClassifier(config, len(labels)) if labels else GPT(config)
-    if meta.get("lora"):
+    if lora is not None:
         trained = set(state)  # adapters and any head: trainable again, as when they were saved
         state = {**_base_state(path, meta, config), **state}
-        apply_lora(model, LoRAConfig(**meta["lora"]))
+        apply_lora(model, lora)
         for name, p in model.named_parameters():
             p.requires_grad_(name in trained)
     model = model.to_empty(device="cpu")
@@ -125,9 +201,56 @@ def load_model(path: Path, device: torch.device | str = "cpu") -> tuple[GPT, Tok
     return model.to(device), tokenizer, meta
 
 
+def expected_shapes(config: ModelConfig, labels: Optional[list[str]] = None,
+                    lora: Optional[LoRAConfig] = None) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor a checkpoint of this config stores, without building the model: a
+    one-block model is built on the meta device (no memory) and its block's names repeated per layer."""
+    with torch.device("meta"):
+        one = dataclasses.replace(config, n_layer=1)
+        model = GPTClassifier(one, len(labels)) if labels else GPT(one)
+        if lora is not None:
+            apply_lora(model, lora)
+    shapes = {}
+    for name, tensor in model.state_dict().items():
+        if name.startswith("transformer.h.0."):
+            for i in range(config.n_layer):
+                shapes[f"transformer.h.{i}.{name.removeprefix('transformer.h.0.')}"] = tuple(tensor.shape)
+        else:
+            shapes[name] = tuple(tensor.shape)
+    if config.tie_embeddings:
+        shapes.pop("lm_head.weight")
+    return shapes
+
+
+FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
+
+
+def check_weights(path: Path, expected: dict[str, tuple[int, ...]], adapters_only: bool = False) -> None:
+    """The weights file's header against `expected`: the same names (a subset for adapters), the same
+    shapes, one floating-point dtype. Reads the header only."""
+    where = Path(path) / WEIGHTS
+    try:
+        header = safetensors_header(where, root=path)
+    except FileNotFoundError:
+        raise UserError(f"checkpoint {path} has no {WEIGHTS}; it is incomplete") from None
+    missing = [] if adapters_only else sorted(set(expected) - set(header))
+    unexpected = sorted(set(header) - set(expected))
+    if missing or unexpected:
+        raise UserError(f"{where} does not match {MODEL_CONFIG}: missing {missing[:3]}, unexpected "
+                        f"{unexpected[:3]}; the weights and the config do not belong together")
+    for name, (_, shape) in header.items():
+        if shape != expected[name]:
+            raise UserError(f"{where} does not match {MODEL_CONFIG}: tensor {name} has shape {shape}, the "
+                            f"config implies {expected[name]}; the weights and the config do not belong together")
+    dtypes = sorted({dtype for dtype, _ in header.values()})
+    if len(dtypes) > 1 or not set(dtypes) <= FLOAT_DTYPES:
+        raise UserError(f"{where} holds tensors of dtype {', '.join(dtypes)}; a checkpoint's weights share one "
+                        "floating-point dtype (F32, BF16, F16 or F64)")
+
+
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:
     try:
-        return load_file(str(path / WEIGHTS), device="cpu")
+        return load_file(str(regular_file(path / WEIGHTS, root=path)), device="cpu")
     except FileNotFoundError:
         raise UserError(f"checkpoint {path} has no {WEIGHTS}; it is incomplete") from None
     except (SafetensorError, OSError) as e:
@@ -136,14 +259,23 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
 
 def _base_state(path: Path, meta: dict, config: ModelConfig) -> dict[str, torch.Tensor]:
     """The frozen weights of an adapter checkpoint: its base model's, grown to this vocabulary."""
-    base = Path(meta.get("base") or "")
+    base = Path(meta["base"])
     if not is_checkpoint(base):
         raise UserError(f"{path} holds LoRA adapters for the base model {base}, which is missing; restore "
                         "it, or use a checkpoint merged with `gptforge merge-lora`")
+    if read_meta(base).get("lora"):  # also what keeps a base naming itself from recursing forever
+        raise UserError(f"{path} names {base} as its base model, but that holds LoRA adapters itself; the base "
+                        "of adapters is a full checkpoint")
     if meta.get("base_fingerprint") not in (None, base_fingerprint(base)):
         raise UserError(f"{path} holds LoRA adapters for the base model {base}, whose weights have changed since "
                         "(e.g. a run's checkpoints/best moved on); fine-tune from a fixed copy of the base, or "
                         "merge adapters with `gptforge merge-lora` while the base is unchanged")
+    base_config = read_model_config(base)
+    same = ("vocab_size", "dropout", "preset")  # what fine-tuning may change
+    if dataclasses.replace(base_config, **{k: getattr(config, k) for k in same}) != config or \
+            base_config.vocab_size > config.vocab_size:
+        raise UserError(f"{path} holds LoRA adapters for a model unlike its base {base} ({MODEL_CONFIG} "
+                        "differs beyond added tokens); the adapters do not belong to that base")
     base_model, _, _ = load_model(base, "cpu")
     if base_model.config.vocab_size != config.vocab_size:
         base_model.grow_vocab(config.vocab_size)  # as fine-tuning did: same rows, same init
@@ -153,53 +285,20 @@ def _base_state(path: Path, meta: dict, config: ModelConfig) -> dict[str, torch.
     return state
 
 
-def read_meta(path: Path) -> dict:
-    try:
-        return json.loads((Path(path) / META).read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        raise UserError(f"checkpoint {path} has a missing or corrupt {META}") from None
-
-
 def load_trainer_state(path: Path, optimizer: Optional[torch.optim.Optimizer] = None) -> dict:
-    """Trainer JSON state; also restores the optimizer in place when given."""
+    """Trainer JSON state, checked; also restores the optimizer in place when given."""
     d = Path(path) / TRAINER_DIR
     try:
-        state = json.loads((d / "state.json").read_text())
+        state = check_trainer_state(read_json(d / "state.json", root=path), d / "state.json")
         if optimizer is not None:
-            tensors = load_file(str(d / "optimizer.safetensors"))
-            layout = json.loads((d / "optimizer.json").read_text())
-            optimizer.load_state_dict(unflatten_optimizer_state(tensors, layout))
+            tensors = load_file(str(regular_file(d / "optimizer.safetensors", root=path)))
+            restore_optimizer(optimizer, tensors, read_json(d / "optimizer.json", root=path), d)
     except FileNotFoundError as e:
         raise UserError(f"checkpoint {path} cannot resume training: {Path(e.filename).name} is missing") from None
-    except (json.JSONDecodeError, SafetensorError, KeyError) as e:
-        raise UserError(f"trainer state in {path} is corrupt ({type(e).__name__}); "
+    except SafetensorError as e:
+        raise UserError(f"trainer state in {path} is corrupt ({str(e).splitlines()[0]}); "
                         "start a new run directory or restore the checkpoint") from None
     return state
-
-
-# --- optimizer state without pickle -------------------------------------------------------------
-def flatten_optimizer_state(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
-    """Split an optimizer state_dict into tensors (for safetensors) and a JSON layout."""
-    tensors, layout = {}, {"param_groups": sd["param_groups"], "state": {}}
-    for idx, st in sd["state"].items():
-        entry = {}
-        for name, value in st.items():
-            if torch.is_tensor(value):
-                key = f"{idx}.{name}"
-                tensors[key] = value.detach().cpu().contiguous()
-                entry[name] = {"tensor": key}
-            else:
-                entry[name] = {"value": value}
-        layout["state"][str(idx)] = entry
-    return tensors, layout
-
-
-def unflatten_optimizer_state(tensors: dict[str, torch.Tensor], layout: dict) -> dict:
-    state = {}
-    for idx, entry in layout["state"].items():
-        state[int(idx)] = {name: tensors[v["tensor"]] if "tensor" in v else v["value"]
-                           for name, v in entry.items()}
-    return {"state": state, "param_groups": layout["param_groups"]}
 
 
 def base_fingerprint(path: Path) -> str:
@@ -222,10 +321,20 @@ def is_checkpoint(path: Path) -> bool:
 
 
 def run_checkpoint(run_dir: Path, name: str) -> Optional[Path]:
-    """checkpoints/<name> of a run directory, if it exists (repairing an interrupted swap)."""
+    """checkpoints/<name> of a run directory, if it exists (repairing an interrupted swap and removing
+    the temp folders of killed writers)."""
     path = Path(run_dir) / CHECKPOINTS / name
     recover_interrupted_swap(path)
     return path if is_checkpoint(path) else None
+
+
+def prepare_run_checkpoints(run_dir: Path) -> None:
+    """Before a run writes checkpoints/{latest,best}: refuse one that is a symbolic link, and remove what
+    killed writers left (temp dirs, a swap cut in half)."""
+    for name in ("latest", "best"):
+        path = Path(run_dir) / CHECKPOINTS / name
+        check_replaceable(path)
+        recover_interrupted_swap(path)
 
 
 def resolve_checkpoint(path: Path) -> Path:
@@ -241,4 +350,3 @@ def resolve_checkpoint(path: Path) -> Path:
             return found
     raise UserError(f"{path} is neither a checkpoint (no {MODEL_CONFIG}) nor a run directory with "
                     f"{CHECKPOINTS}/best or {CHECKPOINTS}/latest")
-

@@ -6,6 +6,7 @@ This is the only module that reads the torchrun environment (RANK, LOCAL_RANK, W
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import random
 import shutil
@@ -47,7 +48,8 @@ def cache_dir() -> Path:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write via a temp file in the same folder + rename, so readers never see half a file."""
+    """Write via a temp file in the same folder + rename, so readers never see half a file (and a full disk
+    is a UserError that leaves the old file as it was)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -58,9 +60,11 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             os.fsync(f.fileno())
         os.chmod(tmp, default_file_mode())  # mkstemp makes 0600; give the file the usual permissions
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if _is_disk_full(e):
+            raise UserError(_no_space(path, len(data))) from None
         raise
 
 
@@ -75,42 +79,135 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def write_dir_atomically(target: Path, fill: Callable[[Path], T]) -> T:
+def write_dir_atomically(target: Path, fill: Callable[[Path], T], size_hint: int = 0) -> T:
     """Let `fill` populate a temp dir beside `target`, then swap it in with renames. A kill at any moment
     leaves either the old or the new directory complete (an interrupted swap is repaired by
-    `recover_interrupted_swap`); a failing `fill` leaves the old one untouched. Returns fill's result."""
+    `recover_interrupted_swap`, which also removes the temp dirs of killed writers); a failing `fill`
+    leaves the old one untouched, and a full disk is a UserError saying how much space the write needs
+    (about size_hint bytes, or what the old directory holds). Returns fill's result."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    check_replaceable(target)
+    recover_interrupted_swap(target)
     tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
     old = target.parent / f".{target.name}.old"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
+    lock = _hold_lock(tmp)  # tells writers in other processes that this temp dir is alive
     try:
-        result = fill(tmp)
-        mode = default_file_mode()
-        for f in tmp.rglob("*"):  # data must be on disk before the rename makes it visible
-            if f.is_file():
-                os.chmod(f, mode)
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    recover_interrupted_swap(target)
-    if target.exists():
+        try:
+            result = fill(tmp)
+            mode = default_file_mode()
+            for f in tmp.rglob("*"):  # data must be on disk before the rename makes it visible
+                if f.is_file():
+                    os.chmod(f, mode)
+                    with open(f, "rb") as fh:
+                        os.fsync(fh.fileno())
+        except BaseException as e:
+            written = _tree_size(tmp)
+            shutil.rmtree(tmp, ignore_errors=True)
+            if _is_disk_full(e):
+                raise UserError(_no_space(target, max(size_hint, written, _tree_size(target)))) from None
+            raise
+        if target.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(target, old)
+        os.rename(tmp, target)
         shutil.rmtree(old, ignore_errors=True)
-        os.rename(target, old)
-    os.rename(tmp, target)
-    shutil.rmtree(old, ignore_errors=True)
+    finally:
+        os.close(lock)
     return result
 
 
+def check_replaceable(target: Path) -> None:
+    """Refuse to write a directory through a symbolic link: the swap would replace the link, or fail on it,
+    and the folder it points to is not ours to change."""
+    target = Path(target)
+    if target.is_symlink():
+        raise UserError(f"{target} is a symbolic link (to {os.readlink(target)}); gptforge replaces this folder "
+                        "as a whole and will not write through a link: remove the link (what it points to is "
+                        "left alone) or write somewhere else")
+
+
 def recover_interrupted_swap(target: Path) -> None:
-    """Finish a `write_dir_atomically` swap that was killed between its two renames."""
+    """Finish a `write_dir_atomically` swap that was killed between its two renames, and remove the temp
+    dirs of writers that were killed while filling them (each a partial copy of the directory)."""
     target = Path(target)
     old = target.parent / f".{target.name}.old"
-    if not target.exists() and old.is_dir():
+    if old.is_symlink() or (old.exists() and not old.is_dir()):
+        with contextlib.suppress(OSError):  # ours is always a real folder: a link there goes, unfollowed
+            old.unlink()
+    elif not target.exists() and not target.is_symlink() and old.is_dir():
         os.rename(old, target)
+    remove_stale_temp_dirs(target)
+
+
+def remove_stale_temp_dirs(target: Path) -> None:
+    """Remove `.NAME.tmp-PID` dirs beside `target` whose writer is gone: its pid is not a live process
+    here and nobody holds the lock a writer keeps on its temp dir (a writer on another machine sharing the
+    folder, or a live process that reused the pid, keeps its dir)."""
+    import glob
+
+    for tmp in Path(target).parent.glob(f".{glob.escape(Path(target).name)}.tmp-*"):
+        pid = tmp.name.rpartition("-")[2]
+        if tmp.is_symlink() or not tmp.is_dir() or not pid.isdigit() or _pid_alive(int(pid)):
+            continue
+        try:
+            lock = os.open(tmp, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            if _try_lock(lock):
+                shutil.rmtree(tmp, ignore_errors=True)
+        finally:
+            os.close(lock)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except PermissionError:  # another user's process
+        return True
+    except (ProcessLookupError, OverflowError):  # no such process, or a number no pid can be
+        return False
+    return True
+
+
+def _hold_lock(folder: Path) -> int:
+    """An open descriptor of `folder` holding an exclusive advisory lock, released when it is closed or the
+    process dies."""
+    fd = os.open(folder, os.O_RDONLY)
+    _try_lock(fd)
+    return fd
+
+
+def _try_lock(fd: int) -> bool:
+    try:
+        import fcntl
+    except ImportError:  # no advisory locks (Windows): the pid check alone decides
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return False
+    return True
+
+
+def _tree_size(folder: Path) -> int:
+    if Path(folder).is_symlink() or not Path(folder).is_dir():
+        return 0
+    return sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file() and not f.is_symlink())
+
+
+def _is_disk_full(error: BaseException) -> bool:
+    return isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def _no_space(target: Path, needed: int) -> str:
+    free = shutil.disk_usage(target.parent).free
+    kept = f"; the previous {target.name} is unchanged" if target.exists() else ""
+    return (f"no space left on the device to write {target}: it needs about {human_count(needed)}B, "
+            f"{human_count(free)}B are free; free some space or write to another disk{kept}")
 
 
 @dataclass

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -90,17 +91,41 @@ class ModelConfig:
         return self.n_embd // self.n_head
 
     def validate(self) -> "ModelConfig":
+        # positivity first: the divisibility test below divides by n_head
+        for name in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "vocab_multiple"):
+            value = getattr(self, name)
+            if value <= 0:
+                raise UserError(f"model.{name} must be positive, got {value}")
+            if value > MODEL_LIMITS[name]:
+                raise UserError(f"model.{name}={value} is beyond the largest supported ({MODEL_LIMITS[name]:,}); "
+                                "check the value")
         if self.n_embd % self.n_head:
             raise UserError(
                 f"model.n_embd={self.n_embd} is not divisible by model.n_head={self.n_head}; "
                 "pick an n_embd that is a multiple of n_head"
             )
-        for name in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "vocab_multiple"):
-            if getattr(self, name) <= 0:
-                raise UserError(f"model.{name} must be positive, got {getattr(self, name)}")
         if not 0.0 <= self.dropout < 1.0:
             raise UserError(f"model.dropout must be in [0, 1), got {self.dropout}")
+        if self.parameter_count > MAX_PARAMETERS:
+            raise UserError(f"this model would have {self.parameter_count:,} parameters, beyond the largest "
+                            f"supported ({MAX_PARAMETERS:,}); check n_layer, n_embd, block_size and vocab_size")
         return self
+
+    @property
+    def parameter_count(self) -> int:
+        """Parameters the model has (tied head counted once); from the sizes alone, nothing is built."""
+        C, V, biases = self.n_embd, self.padded_vocab_size, int(self.bias)
+        per_block = 12 * C * C + 2 * C + 11 * C * biases  # 4 matrices (3C, C, 4C, 4C rows), 2 LayerNorms
+        head = 0 if self.tie_embeddings else V * C
+        return self.n_layer * per_block + (V + self.block_size) * C + C * (1 + biases) + head
+
+
+# Largest sizes a model config may ask for, in one place. Far above any GPT-2 (xl: 48 layers, 1600 wide,
+# context 1024, 1.6B parameters), far below what would hang or exhaust memory while the model is built;
+# a checkpoint is further held to the tensors its weights file actually holds.
+MODEL_LIMITS = {"n_layer": 1024, "n_head": 1024, "n_embd": 65536, "block_size": 1 << 20,
+                "vocab_size": 1 << 24, "vocab_multiple": 1 << 16}
+MAX_PARAMETERS = 200_000_000_000
 
 
 # GPT-2 sizes are OpenAI's; `baby` is nanoGPT's Shakespeare-char model; `tiny` is for tests.
@@ -156,6 +181,9 @@ class DataConfig:
     """Tokenization processes (0 = all CPU cores)."""
     max_documents: Optional[int] = None
     """Stop after this many documents (handy for a quick look at a huge dataset)."""
+    verify: str = "fast"
+    """Check shards against manifest.json when training opens them (sha256, ids inside the vocabulary): full
+    (every start), fast (only shards changed in size or modification time since they last passed) or off."""
 
     def validate(self) -> "DataConfig":
         check_ranges(self, "data.", {"bpe_vocab_size": "[1, inf)", "val_fraction": "[0, 1)",
@@ -367,26 +395,65 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def from_dict(cls: type, values: dict[str, Any], where: str = "config") -> Any:
-    """Build a (nested) dataclass from a dict, naming any unknown key or wrong type in one line."""
+def from_dict(cls: type, values: Any, where: str = "config") -> Any:
+    """Build a (nested) dataclass from a dict (parsed JSON or YAML), naming any unknown key or value of
+    the wrong type (checked against the field's annotation) in one line."""
     if not isinstance(values, dict):
         raise UserError(f"{where} must be a mapping, got {type(values).__name__}")
     known = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
     kwargs = {}
     for key, value in values.items():
         if key not in known:
             raise UserError(
                 f"unknown config key '{where}.{key}'; valid keys: {', '.join(sorted(known))}"
             )
-        sub = _nested_dataclass(cls, key)
-        kwargs[key] = from_dict(sub, value, f"{where}.{key}") if sub else value
+        kwargs[key] = checked(value, hints[key], f"{where}.{key}")
     return cls(**kwargs)
 
 
-def _nested_dataclass(cls: type, name: str) -> Optional[type]:
-    hints = {RunConfig: {"model": ModelConfig, "data": DataConfig, "train": TrainConfig,
-                         "sample": SampleConfig}}
-    return hints.get(cls, {}).get(name)
+def checked(value: Any, annotation: Any, where: str) -> Any:
+    """`value` if it has the annotated type (bool is not an int; an int is a float; Optional and list[...]
+    are followed; a dataclass is built with from_dict), else a UserError naming `where`."""
+    if dataclasses.is_dataclass(annotation):
+        return from_dict(annotation, value, where)
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Union:
+        if value is None and type(None) in args:
+            return None
+        options = [a for a in args if a is not type(None)]
+        if len(options) == 1:
+            return checked(value, options[0], where)
+    elif origin is list and isinstance(value, list):
+        return [checked(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)] if args else value
+    elif origin is dict and isinstance(value, dict):
+        return value
+    elif annotation is Any:
+        return value
+    elif annotation is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    elif annotation in (int, str, bool, list, dict) and isinstance(value, annotation) and \
+            not (annotation is int and isinstance(value, bool)):
+        return value
+    raise UserError(f"{where} must be {_describe(annotation)}, got {_show(value)}")
+
+
+def _describe(annotation: Any) -> str:
+    names = {int: "an integer", float: "a number", bool: "true or false", str: "a string", list: "a list",
+             dict: "a mapping"}
+    if annotation in names:
+        return names[annotation]
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) is list:
+        return f"a list of {_describe(args[0]).split(' ', 1)[1]}s" if args else "a list"
+    if typing.get_origin(annotation) is typing.Union:
+        return " or ".join("null" if a is type(None) else _describe(a) for a in args)
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return f"{text[:40]}... ({type(value).__name__})" if len(text) > 40 else f"{text} ({type(value).__name__})"
 
 
 def save_yaml(cfg: Any, path: Path) -> None:

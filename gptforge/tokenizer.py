@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 from gptforge.common import UserError, atomic_write_text
+from gptforge.files import MAX_TOKENIZER_BYTES, read_json
 from gptforge.prompts import (CHAT_TOKENS, END_OF_TURN, ROLE_TOKENS, alpaca_prompt, check_instruction,
                               check_messages, tag_of_token, tag_token)
 
@@ -413,16 +414,18 @@ def _from_state(kind: str, state: dict) -> Tokenizer:
     raise UserError(f"unknown tokenizer kind '{kind}'")
 
 
-def load_tokenizer(directory: Path) -> Tokenizer:
-    """Restore a tokenizer saved by `Tokenizer.save`."""
+def load_tokenizer(directory: Path, root: Path | None = None) -> Tokenizer:
+    """Restore a tokenizer saved by `Tokenizer.save`; its file must lie inside `root` (default: directory),
+    e.g. the checkpoint that carries it."""
     path = Path(directory) / TOKENIZER_FILE
-    if not path.is_file():
-        raise UserError(f"no tokenizer found at {path}; the directory must hold a {TOKENIZER_FILE}")
     corrupt = f"{path} is corrupt (not a gptforge tokenizer file); re-run prepare"
     try:
-        state = json.loads(path.read_text(encoding="utf-8"))
+        state = read_json(path, root=Path(directory) if root is None else root, max_bytes=MAX_TOKENIZER_BYTES)
+    except FileNotFoundError:
+        raise UserError(f"no tokenizer found at {path}; the directory must hold a {TOKENIZER_FILE}") from None
+    try:
         kind, specials = state["kind"], {str(k): int(v) for k, v in state["special_tokens"].items()}
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError, UnicodeDecodeError):
+    except (KeyError, TypeError, ValueError, AttributeError):
         raise UserError(corrupt) from None
     try:
         tok = _from_state(kind, state)

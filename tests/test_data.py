@@ -66,7 +66,7 @@ def test_prepare_txt_tail_split_and_manifest(tmp_path, monkeypatch):
     assert json.loads((out / "manifest.json").read_text()) == m
     assert m["source"] == str(src) and m["data_config"]["val_fraction"] == 0.1
     assert (out / "tokenizer" / "tokenizer.json").is_file()
-    verify_shards(out, check_hash=True)
+    verify_shards(out, "full")
 
 
 def test_prepare_is_deterministic_across_processes_and_shard_sizes(tmp_path, monkeypatch):
@@ -96,7 +96,7 @@ def test_prepare_is_deterministic_across_processes_and_shard_sizes(tmp_path, mon
     assert len(shards) > 3 and all(s["tokens"] == 1000 for s in shards[:-1])
     assert np.array_equal(shard_stream(tmp_path / "p3", "train"), shard_stream(tmp_path / "p1", "train"))
     assert small["splits"]["train"]["documents"] == 11 and small["splits"]["val"]["documents"] == 1
-    verify_shards(tmp_path / "p3", check_hash=True)
+    verify_shards(tmp_path / "p3", "full")
 
 
 def test_prepare_folder_separates_documents_with_eot(tmp_path):
@@ -364,3 +364,76 @@ def test_loader_errors(prepared, tmp_path):
         TokenLoader(tmp_path / "noval", "val", batch_size=2, block_size=8)
     with pytest.raises(UserError, match="not a prepared data folder"):
         TokenLoader(tmp_path / "missing", "train", batch_size=2, block_size=8)
+
+
+# --- checking shards against the manifest (issue 10, item 13) ------------------------------------------
+def counting_checks(monkeypatch) -> list:
+    hashed = []
+    check = prep_mod._check_shard
+    monkeypatch.setattr(prep_mod, "_check_shard", lambda path, *a: hashed.append(path.name) or check(path, *a))
+    return hashed
+
+
+def test_verify_finds_same_size_corruption_and_fast_skips_unchanged_shards(prepared, monkeypatch):
+    hashed = counting_checks(monkeypatch)
+    shards = sorted(p.name for p in prepared.glob("*.bin"))
+    verify_shards(prepared, "fast")
+    assert sorted(hashed) == shards
+    hashed.clear()
+    verify_shards(prepared, "fast")  # nothing changed since they passed: nothing re-hashed
+    assert hashed == []
+    shard = prepared / "train_000001.bin"
+    data = bytearray(shard.read_bytes())
+    data[10] = (data[10] + 1) % 256  # an id inside the vocabulary: only the checksum can tell
+    shard.write_bytes(bytes(data))
+    verify_shards(prepared, "off")  # sizes only
+    for mode in ("fast", "full"):
+        with pytest.raises(UserError, match="train_000001.bin does not match its sha256"):
+            verify_shards(prepared, mode)
+    assert hashed == ["train_000001.bin", *shards[: shards.index("train_000001.bin") + 1]]
+    with pytest.raises(UserError, match="unknown data.verify 'quick'"):
+        verify_shards(prepared, "quick")
+
+
+def corrupt_with_out_of_range_id(data_dir, at_token: int) -> None:
+    shard = data_dir / "train_000000.bin"
+    data = bytearray(shard.read_bytes())
+    data[2 * at_token: 2 * at_token + 2] = (65535).to_bytes(2, "little")  # same size, id past the vocabulary
+    shard.write_bytes(bytes(data))
+
+
+def test_out_of_range_ids_are_one_line_naming_shard_and_offset(prepared):
+    corrupt_with_out_of_range_id(prepared, 123)
+    with pytest.raises(UserError, match=r"train_000000.bin holds token id 65535 at token offset 123, outside the "
+                                        r"vocabulary of 257"):
+        verify_shards(prepared, "full")
+    loader = TokenLoader(prepared, "train", batch_size=4, block_size=16, sampling="sequential")  # unverified
+    with pytest.raises(UserError, match=r"train_000000.bin holds token id 65535 at token offset 123"):
+        for _ in range(10):
+            loader.next_batch()
+
+
+def test_manifest_shard_names_stay_inside_the_folder(prepared):
+    manifest = json.loads((prepared / "manifest.json").read_text())
+    for name, fragment in (("../corpus.txt", "not a file inside"), ("/etc/passwd", "not a file inside"),
+                           (7, "file must be a string")):
+        manifest["splits"]["train"]["shards"][0]["file"] = name
+        (prepared / "manifest.json").write_text(json.dumps(manifest))
+        with pytest.raises(UserError, match=fragment):
+            load_manifest(prepared)
+
+
+@pytest.mark.parametrize("verify", ["fast", "off"])
+def test_cli_training_on_a_corrupt_shard_is_one_line(tmp_path, verify):
+    from helpers import run_cli, tiny_train_args
+
+    src = tmp_path / "corpus.txt"
+    src.write_text(TEXT * 3)
+    data = tmp_path / "data"
+    prepare(cfg(src), data, progress=False)
+    corrupt_with_out_of_range_id(data, 500)
+    result = run_cli(*tiny_train_args(data, tmp_path / "run", "--train.max_steps", "30", "--data.verify", verify,
+                                      "--train.sampling", "sequential"), timeout=300)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert "train_000000.bin holds token id 65535 at token offset 500" in lines[0]

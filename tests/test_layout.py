@@ -11,10 +11,10 @@ PKG = REPO / "gptforge"
 
 # Each module's layer; a module may import gptforge modules of its own layer or lower ones only.
 LAYERS = {
-    "gptforge": 0, "gptforge.config": 0, "gptforge.common": 0,
+    "gptforge": 0, "gptforge.config": 0, "gptforge.common": 0, "gptforge.files": 0,
     "gptforge.model": 1, "gptforge.tokenizer": 1, "gptforge.prompts": 1, "gptforge.lora": 1,
     "gptforge.data": 2,
-    "gptforge.checkpoint": 3,
+    "gptforge.checkpoint": 3, "gptforge.trainer_state": 3,
     "gptforge.engine": 4, "gptforge.textgen": 4, "gptforge.interop": 4, "gptforge.eval": 4,
     "gptforge.train": 5,
     "gptforge.quickstart": 6, "gptforge.serve": 6, "gptforge.judge": 6, "gptforge.cli": 6, "gptforge.__main__": 7,

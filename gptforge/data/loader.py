@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from gptforge.common import UserError
-from gptforge.data.prepare import load_manifest
+from gptforge.data.prepare import load_manifest, shard_size
 
 SAMPLINGS = ("random", "sequential")
 
@@ -58,12 +58,15 @@ class TokenLoader:
             raise UserError(f"{self.data_dir} has no {split} split (prepared with data.val_fraction="
                             f"{manifest['data_config'].get('val_fraction')}); prepare with val_fraction > 0")
         dtype = np.dtype(manifest["dtype"]).newbyteorder("<")
+        self.vocab_size = manifest["tokenizer"]["vocab_size"]
         self.shards: list[np.memmap] = []
+        self.shard_paths: list[Path] = []
         for shard in info["shards"]:
             path = self.data_dir / shard["file"]
-            if not path.is_file() or path.stat().st_size != shard["tokens"] * dtype.itemsize:
+            if shard_size(path, self.data_dir) != shard["tokens"] * dtype.itemsize:
                 raise UserError(f"shard {path} is missing or truncated; prepare {self.data_dir} again")
             self.shards.append(np.memmap(path, dtype=dtype, mode="r"))
+            self.shard_paths.append(path)
         # starts[i] = offset of shard i in the virtual stream
         self.starts = np.cumsum([0] + [len(s) for s in self.shards])
         self.n_tokens = int(self.starts[-1])
@@ -100,7 +103,10 @@ class TokenLoader:
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(x, y): int64 tensors of shape (B, T) on the loader's device; y is x shifted left by one."""
         starts = self._global_starts()[self.rank * self.B : (self.rank + 1) * self.B]
-        buf = torch.from_numpy(np.stack([self._window(int(s)) for s in starts]).astype(np.int64))  # (B, T+1)
+        rows = np.stack([self._window(int(s)) for s in starts])  # (B, T+1)
+        if rows.max() >= self.vocab_size:  # on the host, before the ids can index an embedding
+            self._refuse_out_of_range(rows, starts)
+        buf = torch.from_numpy(rows.astype(np.int64))  # (B, T+1)
         self.g += 1
         self.rows += self.B * self.world_size
         x, y = buf[:, :-1].contiguous(), buf[:, 1:].contiguous()
@@ -111,6 +117,14 @@ class TokenLoader:
     def __iter__(self):
         while True:
             yield self.next_batch()
+
+    def _refuse_out_of_range(self, rows: np.ndarray, starts: np.ndarray) -> None:
+        row, col = np.argwhere(rows >= self.vocab_size)[0]
+        position = int(starts[row]) + int(col)  # in the split's virtual stream
+        i = int(np.searchsorted(self.starts, position, side="right")) - 1
+        raise UserError(f"shard {self.shard_paths[i]} holds token id {int(rows[row, col])} at token offset "
+                        f"{position - int(self.starts[i])}, outside the vocabulary of {self.vocab_size}; the "
+                        f"shard is corrupt: prepare {self.data_dir} again (--data.verify full checks every shard)")
 
     @property
     def epoch(self) -> float:

@@ -12,6 +12,7 @@ not depend on the number of processes: work goes out in order-tagged batches and
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -19,13 +20,15 @@ import multiprocessing as mp
 import os
 import time
 from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
 
 import numpy as np
 
-from gptforge.common import UserError, atomic_write_text, human_count, write_dir_atomically
-from gptforge.config import DataConfig
+from gptforge.common import UserError, atomic_write_text, cache_dir, human_count, write_dir_atomically
+from gptforge.config import DataConfig, checked
+from gptforge.files import contained_name, read_json, regular_file
 from gptforge.data.sources import Piece, iter_documents, source_total_bytes
 from gptforge.tokenizer import build_tokenizer, load_tokenizer
 
@@ -275,46 +278,154 @@ def _tokenize_into(cfg, tok, tok_dir, dtype, num_proc, writers, progress) -> Non
 
 
 # --- reading a prepared folder back -----------------------------------------------------------------
+@dataclass
+class _Shard:
+    file: str
+    tokens: int
+    sha256: str
+
+
+@dataclass
+class _Split:
+    shards: list[_Shard]
+    tokens: int
+    documents: int
+
+
+@dataclass
+class _TokenizerInfo:
+    kind: str
+    vocab_size: int
+    eot_id: int
+    describe: str
+    dir: str
+
+
+MANIFEST_FIELDS = {"format": str, "version": int, "tokenizer": _TokenizerInfo, "dtype": str, "data_config": dict,
+                   "splits": dict}
+VERIFY_MODES = ("full", "fast", "off")
+
+
 def load_manifest(data_dir: Path) -> dict:
-    """The manifest of a prepared folder; UserError when the folder is missing, incomplete or corrupt."""
-    path = Path(data_dir).expanduser() / MANIFEST
+    """The manifest of a prepared folder, with every field the readers use checked (types, shard files
+    inside the folder, sizes that agree); UserError when the folder is missing, incomplete or corrupt."""
+    data_dir = Path(data_dir).expanduser()
+    path = data_dir / MANIFEST
     hint = f"{data_dir} is not a prepared data folder; run `gptforge prepare --data.dir {data_dir}` first"
-    if not path.is_file():
-        raise UserError(hint)
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-        ok = manifest.get("format") == FORMAT and all(s in manifest["splits"] for s in SPLITS)
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, KeyError, TypeError):
-        ok = False
-    if not ok:
+        manifest = read_json(path, root=data_dir)
+    except FileNotFoundError:
+        raise UserError(hint) from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise UserError(hint + f" ({MANIFEST} is corrupt)")
+    try:
+        for key, annotation in MANIFEST_FIELDS.items():
+            checked(manifest.get(key), annotation, key)
+        for split in SPLITS:
+            checked(manifest["splits"].get(split), _Split, f"splits.{split}")
+    except UserError as e:
+        raise UserError(f"{path} is corrupt ({e}); prepare {data_dir} again") from None
     if manifest["version"] > FORMAT_VERSION:
         raise UserError(f"{data_dir} was prepared by a newer gptforge (format {manifest['version']}); "
                         "upgrade gptforge or prepare again")
+    _check_manifest_values(manifest, data_dir)
     return manifest
 
 
-def verify_shards(data_dir: Path, check_hash: bool = False) -> dict:
-    """Check every shard exists with the size the manifest says (and, optionally, its sha256)."""
+def _check_manifest_values(manifest: dict, data_dir: Path) -> None:
+    def corrupt(what: str) -> UserError:
+        return UserError(f"{data_dir / MANIFEST} is corrupt ({what}); prepare {data_dir} again")
+
+    if manifest["dtype"] not in ("uint16", "uint32"):
+        raise corrupt(f"token dtype {manifest['dtype']!r}, not uint16 or uint32")
+    vocab = manifest["tokenizer"]["vocab_size"]
+    if not 0 < vocab <= np.iinfo(manifest["dtype"]).max + 1:
+        raise corrupt(f"vocab_size {vocab} does not fit {manifest['dtype']} shards")
+    contained_name(manifest["tokenizer"]["dir"], data_dir, f"{MANIFEST}'s tokenizer")
+    for split in SPLITS:
+        info = manifest["splits"][split]
+        for shard in info["shards"]:
+            contained_name(shard["file"], data_dir, f"{MANIFEST}'s {split} split")
+            if shard["tokens"] < 0:
+                raise corrupt(f"shard {shard['file']} has {shard['tokens']} tokens")
+        if info["tokens"] != sum(s["tokens"] for s in info["shards"]):
+            raise corrupt(f"the {split} split's token count is not the sum of its shards'")
+
+
+def verify_shards(data_dir: Path, mode: str = "fast") -> dict:
+    """The manifest, after checking every shard: a regular file inside the folder with the size the manifest
+    says, and (mode full, or fast for shards not seen since they last passed) its sha256 and that every id
+    is inside the vocabulary. fast remembers passed shards by size and modification time."""
+    if mode not in VERIFY_MODES:
+        raise UserError(f"unknown data.verify '{mode}'; use full, fast or off")
     data_dir = Path(data_dir).expanduser()
     manifest = load_manifest(data_dir)
-    itemsize = np.dtype(manifest["dtype"]).itemsize
+    dtype = np.dtype(manifest["dtype"]).newbyteorder("<")
+    vocab = manifest["tokenizer"]["vocab_size"]
+    passed = _PassedShards(data_dir) if mode == "fast" else None
     for split in SPLITS:
         for shard in manifest["splits"][split]["shards"]:
             path = data_dir / shard["file"]
-            if not path.is_file():
-                raise UserError(f"shard {path} is missing; prepare {data_dir} again")
-            if path.stat().st_size != shard["tokens"] * itemsize:
-                raise UserError(f"shard {path} has {path.stat().st_size} bytes, expected "
-                                f"{shard['tokens'] * itemsize}; prepare {data_dir} again")
-            if check_hash and _sha256(path) != shard["sha256"]:
-                raise UserError(f"shard {path} does not match its sha256 in the manifest; prepare again")
+            size = shard_size(path, data_dir)
+            if size != shard["tokens"] * dtype.itemsize:
+                raise UserError(f"shard {path} has {size} bytes, expected {shard['tokens'] * dtype.itemsize}; "
+                                f"prepare {data_dir} again")
+            if mode == "off":
+                continue
+            stamp = [size, path.stat().st_mtime_ns, shard["sha256"], vocab]
+            if passed is not None and passed.get(shard["file"]) == stamp:
+                continue
+            _check_shard(path, shard["sha256"], dtype, vocab, data_dir)
+            if passed is not None:
+                passed.add(shard["file"], stamp)
+    if passed is not None:
+        passed.save()
     return manifest
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
+def shard_size(path: Path, data_dir: Path) -> int:
+    """Bytes of a shard, which must be a regular file inside the data folder."""
+    try:
+        return regular_file(path, root=data_dir).stat().st_size
+    except FileNotFoundError:
+        raise UserError(f"shard {path} is missing; prepare {data_dir} again") from None
+
+
+def _check_shard(path: Path, sha256: str, dtype: np.dtype, vocab: int, data_dir: Path) -> None:
+    h, offset = hashlib.sha256(), 0
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
+        for block in iter(lambda: f.read(1 << 22), b""):  # a multiple of every itemsize
             h.update(block)
-    return h.hexdigest()
+            ids = np.frombuffer(block, dtype=dtype)
+            if ids.size and ids.max() >= vocab:
+                at = offset + int(np.argmax(ids >= vocab))
+                raise UserError(f"shard {path} holds token id {int(ids.max())} at token offset {at}, outside the "
+                                f"vocabulary of {vocab}; the shard is corrupt: prepare {data_dir} again")
+            offset += ids.size
+    if h.hexdigest() != sha256:
+        raise UserError(f"shard {path} does not match its sha256 in the manifest (changed or corrupt since it "
+                        f"was prepared); prepare {data_dir} again")
+
+
+class _PassedShards:
+    """Shards of one data folder that passed verification, with the size, mtime, sha256 and vocabulary they
+    had then; kept in the user's cache (a data folder may be read-only or shared)."""
+
+    def __init__(self, data_dir: Path):
+        key = hashlib.sha256(os.path.realpath(data_dir).encode()).hexdigest()[:24]
+        self.path = cache_dir() / "verified-shards" / f"{key}.json"
+        try:
+            entries = read_json(self.path)
+        except (FileNotFoundError, UserError):
+            entries = {}
+        self.entries = entries if isinstance(entries, dict) else {}
+
+    def get(self, file: str) -> object:
+        return self.entries.get(file)
+
+    def add(self, file: str, stamp: list) -> None:
+        self.entries[file] = stamp
+
+    def save(self) -> None:
+        with contextlib.suppress(OSError):  # a cache that cannot be written only costs a re-check
+            atomic_write_text(self.path, json.dumps(self.entries))

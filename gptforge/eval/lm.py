@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 
 from gptforge.common import UserError
-from gptforge.data.prepare import MANIFEST, SPLITS, load_manifest
+from gptforge.data.prepare import MANIFEST, SPLITS, verify_shards
 from gptforge.eval.runtime import DTypeLike, EvalModel, evaluating
 from gptforge.tokenizer import Tokenizer, load_tokenizer
 
@@ -156,8 +156,8 @@ def _shard_tokens(data_dir: Path, tokenizer: Tokenizer, split: str, limit: Optio
                         "text file or run `gptforge prepare` first")
     if split not in SPLITS:
         raise UserError(f"unknown split '{split}'; use {' or '.join(SPLITS)}")
-    manifest = load_manifest(data_dir)
-    shard_tok = load_tokenizer(data_dir / manifest["tokenizer"]["dir"])
+    manifest = verify_shards(data_dir)
+    shard_tok = load_tokenizer(data_dir / manifest["tokenizer"]["dir"], root=data_dir)
     if not same_ordinary_vocabulary(shard_tok, tokenizer):
         raise UserError(f"{data_dir} was tokenized with {shard_tok.describe()} but the model uses "
                         f"{tokenizer.describe()}; evaluate a raw text file instead, or prepare the data "

@@ -23,11 +23,12 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from gptforge.checkpoint import load_model, refuse_to_replace
+from gptforge.checkpoint import load_model, refuse_to_replace, save_tensors
 from gptforge.common import UserError, write_dir_atomically
 from gptforge.config import ModelConfig
+from gptforge.files import contained_name, read_json, regular_file
 from gptforge.lora import merge_lora
 from gptforge.model import GPT
 from gptforge.interop.hf_tokenizer import save_hf_tokenizer
@@ -195,9 +196,9 @@ def is_hf_folder(folder: Path) -> bool:
 def read_hf_folder(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     """(config.json as a dict, weights) of a Hugging Face model folder."""
     try:
-        config = json.loads((folder / CONFIG).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise UserError(f"{folder / CONFIG} is corrupt (not JSON); download the model again") from None
+        config = read_json(folder / CONFIG, root=folder)
+    except FileNotFoundError:
+        raise UserError(f"{folder} has no {CONFIG}; it is not a Hugging Face model folder") from None
     if not isinstance(config, dict):
         raise UserError(f"{folder / CONFIG} is not a Hugging Face model config")
     return config, read_hf_weights(folder)
@@ -209,31 +210,38 @@ def read_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
         raise UserError(f"{folder} has {CONFIG} but no {SAFETENSORS} or {PT_BIN}; download the weights too")
     files = [folder / found]
     if found.endswith(".index.json"):  # sharded: the index maps each tensor to one of a few files
-        try:
-            weight_map = json.loads((folder / found).read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise UserError(f"{folder / found} is corrupt; download the model again") from None
-        files = [folder / name for name in sorted(set(weight_map.values()))]
+        files = _index_files(folder, folder / found)
     state: dict[str, torch.Tensor] = {}
     for path in files:
-        state.update(_load_safetensors(path) if path.suffix == ".safetensors" else _load_torch_bin(path))
+        state.update(_load_safetensors(path, folder) if path.suffix == ".safetensors" else _load_torch_bin(path, folder))
     return state
 
 
-def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+def _index_files(folder: Path, index: Path) -> list[Path]:
+    """The shard files a sharded checkpoint's index names: plain file names inside the folder."""
     try:
-        return load_file(str(path), device="cpu")
+        weight_map = read_json(index, root=folder)["weight_map"]
+        shards = sorted(set(weight_map.values()))
+    except (KeyError, TypeError, AttributeError):  # not a mapping, no weight_map, or unhashable names
+        raise UserError(f"{index} is corrupt (no weight_map of tensor -> file names); download the model "
+                        "again") from None
+    return [contained_name(name, folder, f"{index}'s weight_map") for name in shards]
+
+
+def _load_safetensors(path: Path, folder: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(regular_file(path, root=folder)), device="cpu")
     except FileNotFoundError:
         raise UserError(f"weights file {path} is missing; download the model again") from None
     except (SafetensorError, OSError) as e:
         raise UserError(f"{path} is corrupt ({str(e).splitlines()[0]}); download the model again") from None
 
 
-def _load_torch_bin(path: Path) -> dict[str, torch.Tensor]:
+def _load_torch_bin(path: Path, folder: Path) -> dict[str, torch.Tensor]:
     """A pytorch_model.bin through torch's restricted unpickler: tensors and plain containers only, so a
     file carrying code (a pickled callable) is refused instead of executed."""
     try:
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
+        state = torch.load(str(regular_file(path, root=folder)), map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise UserError(f"weights file {path} is missing; download the model again") from None
     except pickle.UnpicklingError:
@@ -265,7 +273,7 @@ def write_hf_folder(out: Path, model: GPT, tokenizer: Tokenizer) -> Path:
     hf_config = hf_config_from_model(model.config, tokenizer.eot_id, state["transformer.wte.weight"].dtype)
 
     def fill(d: Path) -> None:
-        save_file(state, str(d / SAFETENSORS), metadata={"format": "pt"})  # transformers requires the tag
+        save_tensors(state, d / SAFETENSORS, metadata={"format": "pt"})  # transformers requires the tag
         (d / CONFIG).write_text(json.dumps(hf_config, indent=2) + "\n")
         generation = {"bos_token_id": tokenizer.eot_id, "eos_token_id": tokenizer.eot_id}
         (d / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")

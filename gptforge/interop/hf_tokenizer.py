@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Optional
 
 from gptforge.common import UserError
+from gptforge.files import MAX_TOKENIZER_BYTES, read_json
 from gptforge.tokenizer import (EOT, TOKENIZER_FILE, BPETokenizer, GPT2Tokenizer, Tokenizer, _bytes_to_unicode,
                                 load_tokenizer)
 
@@ -132,10 +133,10 @@ def tokenizer_from_hf_folder(folder: Path) -> Optional[Tokenizer]:
     path = folder / HF_TOKENIZER
     if not path.is_file():
         return None
+    data = read_json(path, root=folder, max_bytes=MAX_TOKENIZER_BYTES)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
         return _from_byte_level_bpe(data)
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError, ValueError):
+    except (KeyError, TypeError, AttributeError, ValueError):
         raise UserError(f"{path} is corrupt or not a tokenizers file; delete it or pass --tokenizer") from None
 
 

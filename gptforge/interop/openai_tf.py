@@ -16,7 +16,6 @@ both sources into gptforge weights.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import struct
@@ -27,6 +26,7 @@ import numpy as np
 import torch
 
 from gptforge.common import UserError
+from gptforge.files import read_json
 
 HPARAMS, CHECKPOINT_FILE = "hparams.json", "checkpoint"
 _TABLE_MAGIC = 0xDB4775248B80FB57  # last 8 bytes of every LevelDB/TF table file
@@ -307,10 +307,10 @@ def checkpoint_prefix(folder: Path) -> Path:
 def read_openai_folder(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     """(HF-style config dict, weights in HF GPT-2 layout) from an openai/gpt-2 model folder."""
     try:
-        hp = json.loads((folder / HPARAMS).read_text())
+        hp = read_json(folder / HPARAMS, root=folder)
         config = {"vocab_size": hp["n_vocab"], "n_positions": hp["n_ctx"], "n_embd": hp["n_embd"],
                   "n_head": hp["n_head"], "n_layer": hp["n_layer"]}
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
+    except (FileNotFoundError, KeyError, TypeError) as e:
         raise UserError(f"{folder / HPARAMS} is corrupt or lacks {e} (needs n_vocab, n_ctx, n_embd, n_head, "
                         "n_layer)") from None
     # OpenAI's model: tied embeddings, LayerNorm epsilon 1e-5, tanh GELU: the HF GPT-2 defaults

@@ -18,7 +18,7 @@ from typing import Callable, Iterable, Optional, Protocol
 import torch
 import torch.distributed as dist
 
-from gptforge.checkpoint import CHECKPOINTS, load_trainer_state, save_checkpoint
+from gptforge.checkpoint import CHECKPOINTS, load_trainer_state, prepare_run_checkpoints, save_checkpoint
 from gptforge.common import Runtime, UserError, is_out_of_memory
 from gptforge.config import RunConfig
 from gptforge.model import GPT
@@ -132,6 +132,8 @@ def train_loop(model: GPT, tokenizer: Tokenizer, train_batches: BatchSource,
 
     step, best_val, evals_since_best, elapsed_before, tokens_total = 0, None, 0, 0.0, 0
     metrics = MetricsLog(run_dir / "metrics.jsonl")
+    if runtime.is_main:
+        prepare_run_checkpoints(run_dir)  # before any step is spent: a linked latest/best is refused
     if resume_from is not None:
         state = load_trainer_state(resume_from, optimizer)
         step, best_val = state["step"], state["best_val_loss"]

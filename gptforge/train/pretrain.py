@@ -10,7 +10,7 @@ from gptforge.checkpoint import load_model, read_model_config, resolve_checkpoin
 from gptforge.common import Runtime, UserError, seed_everything, setup_runtime, teardown_runtime
 from gptforge.config import ModelConfig, RunConfig, resolve_model_config, save_yaml
 from gptforge.data.loader import TokenLoader
-from gptforge.data.prepare import load_manifest, prepare
+from gptforge.data.prepare import prepare, verify_shards
 from gptforge.model import GPT, count_parameters
 from gptforge.tokenizer import Tokenizer, load_tokenizer
 from gptforge.train.loop import LoopResult, train_loop
@@ -108,8 +108,8 @@ def run_training(cfg: RunConfig, runtime: Optional[Runtime] = None) -> LoopResul
     try:
         run_dir = Path(cfg.train.run_dir)
         data_dir = ensure_prepared(cfg, runtime)
-        manifest = load_manifest(data_dir)
-        tokenizer = load_tokenizer(data_dir / "tokenizer")
+        manifest = verify_shards(data_dir, cfg.data.verify)
+        tokenizer = load_tokenizer(data_dir / "tokenizer", root=data_dir)
         model_cfg = resolve_run_model(cfg, tokenizer)
         cfg = dataclasses.replace(cfg, model=model_cfg, data=dataclasses.replace(cfg.data, dir=str(data_dir)))
         resume_from = run_checkpoint(run_dir, "latest")

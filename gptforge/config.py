@@ -31,7 +31,7 @@ def check_ranges(cfg: Any, prefix: str, ranges: dict[str, str]) -> None:
         for item in value if isinstance(value, list) else [value]:
             if item is not None and not _inside(item, interval):
                 finite = "a finite number " if isinstance(item, float) and not math.isfinite(item) else ""
-                raise UserError(f"{prefix}{name} must be {finite}{_describe(interval)}, got {item!r}")
+                raise UserError(f"{prefix}{name} must be {finite}{_describe_interval(interval)}, got {item!r}")
 
 
 def _bounds(interval: str) -> tuple[float, float]:
@@ -49,7 +49,7 @@ def _inside(value: Any, interval: str) -> bool:
     return above and below
 
 
-def _describe(interval: str) -> str:
+def _describe_interval(interval: str) -> str:
     lo, hi = _bounds(interval)
     if hi == math.inf:
         return f"{'>' if interval[0] == '(' else '>='} {lo}"
@@ -435,19 +435,19 @@ def checked(value: Any, annotation: Any, where: str) -> Any:
     elif annotation in (int, str, bool, list, dict) and isinstance(value, annotation) and \
             not (annotation is int and isinstance(value, bool)):
         return value
-    raise UserError(f"{where} must be {_describe(annotation)}, got {_show(value)}")
+    raise UserError(f"{where} must be {_describe_type(annotation)}, got {_show(value)}")
 
 
-def _describe(annotation: Any) -> str:
+def _describe_type(annotation: Any) -> str:
     names = {int: "an integer", float: "a number", bool: "true or false", str: "a string", list: "a list",
              dict: "a mapping"}
     if annotation in names:
         return names[annotation]
     args = typing.get_args(annotation)
     if typing.get_origin(annotation) is list:
-        return f"a list of {_describe(args[0]).split(' ', 1)[1]}s" if args else "a list"
+        return f"a list of {_describe_type(args[0]).split(' ', 1)[1]}s" if args else "a list"
     if typing.get_origin(annotation) is typing.Union:
-        return " or ".join("null" if a is type(None) else _describe(a) for a in args)
+        return " or ".join("null" if a is type(None) else _describe_type(a) for a in args)
     return getattr(annotation, "__name__", str(annotation))
 
 

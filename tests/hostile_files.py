@@ -373,7 +373,8 @@ def command(kind: str, path: Path, work: Path, scratch: Path) -> list[str]:
         "init_from": ["train", *fresh, "--train.init_from", str(path)],
         "finetune": ["finetune", "text", "--from", str(path), "--data", str(work / "corpus.txt"),
                      "--finetune.epochs", "0", *fresh[4:]],
-        "serve": ["serve", str(path), "--device", "cpu", "--host", "203.0.113.1"],  # unbindable: fails after loading
+        # an unbindable host: fails after loading; the key keeps off the start-up warning for a public bind
+        "serve": ["serve", str(path), "--device", "cpu", "--host", "203.0.113.1", "--api_key", "fuzz-key"],
         "merge": ["merge-lora", str(path), "--out", out],
         "classify": ["classify", str(path), "--text", "hello", "--device", "cpu"],
         "import": ["import-gpt2", str(path), "--out", out, "--tokenizer", "byte"],

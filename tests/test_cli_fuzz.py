@@ -218,9 +218,6 @@ def test_malformed_config_in_a_real_process(argv, fragment, paths, tmp_path):
     assert result.stdout == ""
 
 
-@pytest.mark.xfail(reason="ModelConfig.validate takes n_embd % n_head before its positivity check "
-                          "(ZeroDivisionError); fixed with issue 10's checkpoint/config items on their branch",
-                   strict=False)
 def test_zero_heads_is_one_line(paths, tmp_path):
     code, err = run_in_process(fill(TRAIN + ["--model.n_head", "0"], paths, tmp_path / "run"))
     assert judge_outcome(code, err, "model.n_head") == "ok", (code, err)

@@ -99,6 +99,17 @@ function streamReply(controller, params, reply) {
   return streamPost("/v1/chat/completions", body, controller.signal, onChoice, onOpen);
 }
 
+// A turn that failed leaves no trace but its message, given back so it can be sent again.
+function undoTurn(user, reply, startBefore) {
+  messages.splice(messages.indexOf(user), 1);
+  start = startBefore;
+  markContext();
+  user.box.remove();
+  reply.box.remove();
+  if (!$("chat-input").value) $("chat-input").value = user.content;
+  $("chat-empty").hidden = messages.length > 0;
+}
+
 async function sendChat(text) {
   clearError();
   let params;
@@ -127,14 +138,7 @@ async function sendChat(text) {
       if (reply.text) messages.push({ role: "assistant", content: reply.text, box: reply.box });
       reply.meta.textContent = reply.text ? "Stopped." : "Stopped before any text arrived.";
     } else {
-      // Undo the turn and give the message back so it can be sent again.
-      messages.splice(messages.indexOf(user), 1);
-      start = startBefore;
-      markContext();
-      user.box.remove();
-      reply.box.remove();
-      if (!input.value) input.value = text;
-      $("chat-empty").hidden = messages.length > 0;
+      undoTurn(user, reply, startBefore);
       showError(err.message);
     }
   } finally {

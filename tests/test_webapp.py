@@ -227,6 +227,22 @@ def _generate_completion(page, prompt: str, k: int, max_tokens: int) -> list[tup
     return steps
 
 
+def test_web_app_is_native_modules_without_inline_script():
+    """No build step: index.html loads app.js as a module (no inline script: the CSP allows none), and every
+    module is a file in static/ that app.js reaches through relative imports."""
+    static = REPO / "gptforge" / "serve" / "static"
+    html = (static / "index.html").read_text()
+    assert re.findall(r"<script\b([^>]*)>(.*?)</script>", html, re.S) == [(' type="module" src="/static/app.js"', "")]
+    reached, todo = set(), ["app.js"]
+    while todo:
+        name = todo.pop()
+        if name not in reached:
+            reached.add(name)
+            assert (static / name).is_file(), f"a module imports {name}, which is not in static/"
+            todo += re.findall(r'^import .* from "\./([\w.-]+)";$', (static / name).read_text(), re.M)
+    assert reached == {p.name for p in static.glob("*.js")}
+
+
 def test_chat_streams_reply_and_sends_history(page, server):
     from playwright.sync_api import expect
 

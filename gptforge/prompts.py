@@ -1,6 +1,8 @@
 """Prompt and chat formats, as text and special-token names. The tokenizer turns them into ids and loss
 masks (Tokenizer.encode_chat); everything that builds a prompt (fine-tuning, chat CLI, server) goes
-through it, so training and inference can never disagree about a format."""
+through it, so training and inference can never disagree about a format. Also here: the one rule for
+which turns of a conversation still fit a context window (history_start), shared by the chat CLI and the
+server."""
 
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ a 400 naming it; features this server does not have (echo, suffix, logit_bias, t
 non-text message parts) are a 400 saying so rather than being silently dropped. Two extensions that
 vLLM also accepts: `top_k` and `repetition_penalty`. One of gptforge's own, on /v1/chat/completions:
 `truncate_history: true` leaves the oldest turns out when the conversation does not fit the context
-window (besides the reply's max_tokens, or half the window when no max_tokens is given), by the rule the
+window beside the reply's max_tokens (half the window when no max_tokens is given), by the rule the
 chat CLI follows (prompts.history_start: system messages and the newest message stay, whole exchanges go
 oldest first); the response says how many messages went, in the `X-Gptforge-Dropped-Messages` header
 and, when not streaming, in `gptforge.dropped_messages`.

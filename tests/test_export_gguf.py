@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from gptforge.chat import ChatSession
 from gptforge.checkpoint import load_model, save_checkpoint
@@ -96,6 +97,29 @@ def max_logit_diff(model: GPT, llm, ids: list[int]) -> float:
     return float(np.abs(llama_logits(llm, ids) - ours).max())
 
 
+class GGMLGelu(torch.nn.Module):
+    """The tanh GELU as ggml's CPU backend computes it even in an F32 graph (GGML_GELU_FP16 in
+    ggml-cpu/vec.h): the input rounded to float16 and looked up in a float16 table; beyond +-10 clamped."""
+
+    def forward(self, x):
+        table = F.gelu(x.half().float(), approximate="tanh").half().float()
+        return torch.where(x <= -10, torch.zeros_like(x), torch.where(x >= 10, x, table))
+
+
+def max_logit_diffs(model: GPT, llm, ids: list[int]) -> tuple[float, float]:
+    """Max |logit difference| against gptforge as it is, and against gptforge computing GELU as ggml does:
+    the second isolates the export (everything but ggml's float16 GELU rounding) from the runtime."""
+    exact = [block.mlp.gelu for block in model.transformer.h]
+    try:
+        for block in model.transformer.h:
+            block.mlp.gelu = GGMLGelu()
+        as_ggml = max_logit_diff(model, llm, ids)
+    finally:
+        for block, gelu in zip(model.transformer.h, exact):
+            block.mlp.gelu = gelu
+    return max_logit_diff(model, llm, ids), as_ggml
+
+
 def perplexity(llm, ids: list[int], window: int) -> float:
     """exp(mean next-token loss) over non-overlapping windows, from the logits llama.cpp returns."""
     nll, n = 0.0, 0
@@ -164,7 +188,7 @@ def test_llama_cpp_tokenizes_to_our_ids(kind, tiny_bpe_run, tmp_path, llama):
            "bpe": lambda: load_tokenizer(tiny_bpe_run / "checkpoints" / "latest" / "tokenizer")}[kind]()
     tok.add_chat_tokens()
     path = export_gguf(random_checkpoint(tmp_path / "ck", tok), tmp_path / "m.gguf")
-    llm = llama(path, vocab_only=True)
+    llm = llama(path, n_ctx=64, vocab_only=True)
     for text in TEXTS:
         ids = tok.encode(text)
         assert llm.tokenize(text.encode(), add_bos=False, special=False) == ids, (kind, text)
@@ -178,13 +202,14 @@ def test_trained_model_logits_and_greedy_continuations(trained, llama):
     text = (FIXTURES / "wikitext2_valid_head.txt").read_text(encoding="utf-8")
     ids = tok.encode(text)[:32]
     f32, f16 = llama(files["f32"]), llama(files["f16"])
-    diff = max_logit_diff(model, f32, ids)
+    diff, diff_ggml_gelu = max_logit_diffs(model, f32, ids)
     prompts = [tok.encode(p) for p in PROMPTS]
     reference = gptforge_greedy(model, prompts)
     same_f32, same_f16 = agreement(f32, prompts, reference, tok.eot_id), agreement(f16, prompts, reference, tok.eot_id)
-    print(f"\nllama.cpp, trained tiny model: F32 max |logit diff| {diff:.2e}; greedy {NEW_TOKENS} tokens "
-          f"identical for {same_f32}/20 prompts at F32, {same_f16}/20 at F16")
-    assert diff <= 1e-3
+    print(f"\nllama.cpp, trained tiny model: F32 max |logit diff| {diff:.2e} ({diff_ggml_gelu:.2e} against ggml's "
+          f"GELU); greedy {NEW_TOKENS} tokens identical for {same_f32}/20 prompts at F32, {same_f16}/20 at F16")
+    # ggml rounds GELU through a float16 table (see GGMLGelu): 9.7e-4 here; the export itself is exact
+    assert diff <= 2e-3 and diff_ggml_gelu <= 1e-4
     assert same_f32 == 20 and same_f16 >= 19
 
 
@@ -264,16 +289,20 @@ def gpt2_124m(tmp_path_factory):
 
 @pytest.mark.slow
 def test_gpt2_124m_shape_logits_and_greedy_continuations(gpt2_124m, llama):
+    """llama.cpp's float16 GELU table moves the F32 logits by ~1.3e-3 here (with the MLP's GELU out of the
+    picture the same export agrees within 2e-6, measured): the bar is 2e-3 against gptforge as it is, and
+    1e-3 against gptforge computing GELU as ggml does (12 layers of float16 rounding that a slightly
+    different input can tip either way)."""
     model, tok, files = gpt2_124m
     f32, f16 = llama(files["f32"]), llama(files["f16"])
     ids = tok.encode((FIXTURES / "wikitext2_valid_head.txt").read_text(encoding="utf-8"))[:32]
-    diff = max_logit_diff(model, f32, ids)
+    diff, diff_ggml_gelu = max_logit_diffs(model, f32, ids)
     prompts = [tok.encode(p) for p in PROMPTS]
     reference = gptforge_greedy(model, prompts)
     same_f32, same_f16 = agreement(f32, prompts, reference, tok.eot_id), agreement(f16, prompts, reference, tok.eot_id)
-    print(f"\nllama.cpp, GPT-2 124M shape: F32 max |logit diff| {diff:.2e}; greedy {NEW_TOKENS} tokens identical "
-          f"for {same_f32}/20 prompts at F32, {same_f16}/20 at F16")
-    assert diff <= 1e-3
+    print(f"\nllama.cpp, GPT-2 124M shape: F32 max |logit diff| {diff:.2e} ({diff_ggml_gelu:.2e} against ggml's "
+          f"GELU); greedy {NEW_TOKENS} tokens identical for {same_f32}/20 prompts at F32, {same_f16}/20 at F16")
+    assert diff <= 2e-3 and diff_ggml_gelu <= 1e-3
     assert same_f32 == 20 and same_f16 >= 19
 
 
@@ -286,6 +315,12 @@ def test_errors_are_one_line_with_exit_code_2(tmp_path, capsys, monkeypatch):
     assert "unknown --type" in cli_error(capsys, "export-gguf", str(ck), "--out", str(out), "--type", "q4")
     assert not out.exists()
     main(["export-gguf", str(ck), "--out", str(out), "--type", "f16"])
+    model, _, _ = load_model(ck)
+    with torch.no_grad():
+        model.transformer.h[0].mlp.c_fc.weight[0, 0] = 1e5  # beyond float16's 65504
+    save_checkpoint(tmp_path / "huge", model, tok)
+    err = cli_error(capsys, "export-gguf", str(tmp_path / "huge"), "--out", str(tmp_path / "h.gguf"), "--type", "f16")
+    assert "blk.0.ffn_up.weight" in err and "float16" in err and not (tmp_path / "h.gguf").exists()
     assert "--force" in cli_error(capsys, "export-gguf", str(ck), "--out", str(out))
     assert "is a folder" in cli_error(capsys, "export-gguf", str(ck), "--out", str(tmp_path), "--force")
 

@@ -22,7 +22,9 @@ quantization (int8 matmuls, activations quantized on the fly), the embeddings wi
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import warnings
 from pathlib import Path
 
@@ -52,13 +54,14 @@ def export_onnx(checkpoint: Path, out: Path, int8: bool = False, force: bool = F
     model, tokenizer = load_language_model(Path(checkpoint), "export-onnx")
 
     def fill(d: Path) -> None:
-        if int8:
-            export_decoder(model, d / "fp32.onnx")
-            quantize_int8(d / "fp32.onnx", d / MODEL)
-            for f in d.glob("fp32.onnx*"):
-                f.unlink()
-        else:
-            export_decoder(model, d / MODEL)
+        with quiet_libraries():
+            if int8:
+                export_decoder(model, d / "fp32.onnx")
+                quantize_int8(d / "fp32.onnx", d / MODEL)
+                for f in d.glob("fp32.onnx*"):
+                    f.unlink()
+            else:
+                export_decoder(model, d / MODEL)
         save_hf_tokenizer(tokenizer, d, model.config.block_size)
         if tokenizer.has_chat_template:  # what apply_chat_template renders, in transformers(.js)
             config = json.loads((d / HF_TOKENIZER_CONFIG).read_text())
@@ -69,6 +72,20 @@ def export_onnx(checkpoint: Path, out: Path, int8: bool = False, force: bool = F
     with disk_errors(out):
         write_dir_atomically(out, fill)
     return out
+
+
+@contextlib.contextmanager
+def quiet_libraries():
+    """The exporter and the quantizer log advice that does not apply here (missing torchvision operators,
+    pre-processing for image models): log records below ERROR are muted while they run."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the exporter's notes on axis names and deprecations
+            yield
+    finally:
+        logging.disable(previous)
 
 
 def export_decoder(model: GPT, path: Path) -> None:
@@ -84,16 +101,14 @@ def export_decoder(model: GPT, path: Path) -> None:
     shapes = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: torch.export.Dim.AUTO},
               "past": [(cache_axes, cache_axes)] * cfg.n_layer}
     names = io_names(cfg.n_layer)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the exporter's notes on axis names and deprecations
-        program = torch.onnx.export(
-            CachedDecoder(model), (ids, torch.ones(B, P + T, dtype=torch.long), past), dynamo=True,
-            dynamic_shapes=shapes, input_names=names["inputs"], output_names=names["outputs"],
-            opset_version=OPSET, optimize=True, verbose=False)
-        mask = program.model.graph.inputs[1]  # name its length as the presents' length is named
-        mask.shape = type(mask.shape)([mask.shape[0], "past_sequence_length + sequence_length"])
-        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-        program.save(str(path), external_data=weight_bytes > INLINE_WEIGHT_BYTES)
+    program = torch.onnx.export(
+        CachedDecoder(model), (ids, torch.ones(B, P + T, dtype=torch.long), past), dynamo=True,
+        dynamic_shapes=shapes, input_names=names["inputs"], output_names=names["outputs"],
+        opset_version=OPSET, optimize=True, verbose=False)
+    mask = program.model.graph.inputs[1]  # name its length as the presents' length is named
+    mask.shape = type(mask.shape)([mask.shape[0], "past_sequence_length + sequence_length"])
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    program.save(str(path), external_data=weight_bytes > INLINE_WEIGHT_BYTES)
 
 
 def quantize_int8(source: Path, target: Path) -> None:

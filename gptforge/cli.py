@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser, Namespace, set_parsing_settings
+from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentError, ArgumentParser, Namespace, set_parsing_settings
 
 from gptforge.cli_errors import usage_error
 from gptforge.common import UserError
@@ -172,6 +172,25 @@ def build_parser() -> ArgumentParser:
     exp.add_argument("checkpoint", type=str, help="Checkpoint directory, or a run directory (uses best, else latest).")
     exp.add_argument("--out", type=str, required=True, help="Folder to write (config.json, model.safetensors, tokenizer).")
     sub.add_subcommand("export-hf", exp, help="Export a checkpoint for transformers.")
+
+    # --- deployment formats (gptforge/export/) -------------------------------------------------------
+    gg = ArgumentParser(description="Export a checkpoint as one GGUF file for llama.cpp (llama-server, Ollama, "
+                                    "LM Studio): architecture gpt2, with the tokenizer and chat template.")
+    gg.add_argument("checkpoint", type=str, help="Checkpoint directory, or a run directory (uses best, else latest).")
+    gg.add_argument("--out", type=str, required=True, help="GGUF file to write.")
+    gg.add_argument("--type", type=str, default="f32",
+                    help="Weight type: f32 (exact), f16 (half the size) or q8_0 (int8 blocks, about a quarter).")
+    gg.add_argument("--force", action=ActionYesNo, default=False, help="Replace an existing --out file.")
+    sub.add_subcommand("export-gguf", gg, help="Export a checkpoint for llama.cpp.")
+
+    ox = ArgumentParser(description="Export a checkpoint as an ONNX folder for onnxruntime: one decoder with a "
+                                    "key/value cache, tokenizer.json and genai_config.json.")
+    ox.add_argument("checkpoint", type=str, help="Checkpoint directory, or a run directory (uses best, else latest).")
+    ox.add_argument("--out", type=str, required=True, help="Folder to write (model.onnx, tokenizer.json, ...).")
+    ox.add_argument("--int8", action=ActionYesNo, default=False,
+                    help="Store weights as int8 (onnxruntime's dynamic quantization): about a quarter of the size.")
+    ox.add_argument("--force", action=ActionYesNo, default=False, help="Replace an earlier export at --out.")
+    sub.add_subcommand("export-onnx", ox, help="Export a checkpoint for onnxruntime.")
 
     # --- evaluation (gptforge/eval/) ---------------------------------------------------------------
     ev = ArgumentParser(description="Evaluate a checkpoint: loss/perplexity on text or prepared shards, or a "
@@ -433,6 +452,21 @@ def cmd_export_hf(ns) -> None:
     print(f"exported {ns.checkpoint} -> {out} (load with transformers' AutoModelForCausalLM.from_pretrained)")
 
 
+def cmd_export_gguf(ns) -> None:
+    from gptforge.export import export_gguf
+
+    out = export_gguf(Path(ns.checkpoint), Path(ns.out), weight_type=ns.type, force=ns.force)
+    print(f"exported {ns.checkpoint} -> {out} ({ns.type}, {out.stat().st_size / 1e6:.1f} MB; run it with llama.cpp)")
+
+
+def cmd_export_onnx(ns) -> None:
+    from gptforge.export import export_onnx
+
+    out = export_onnx(Path(ns.checkpoint), Path(ns.out), int8=ns.int8, force=ns.force)
+    print(f"exported {ns.checkpoint} -> {out} (model.onnx {(out / 'model.onnx').stat().st_size / 1e6:.1f} MB"
+          f"{', int8' if ns.int8 else ''}; run it with onnxruntime)")
+
+
 def cmd_eval(ns) -> None:
     import json
 
@@ -460,7 +494,8 @@ def cmd_serve(ns) -> None:
 COMMANDS = {"prepare": cmd_prepare, "train": cmd_train, "generate": cmd_generate, "quickstart": cmd_quickstart,
             "finetune": cmd_finetune, "merge-lora": cmd_merge_lora,
             "classify": cmd_classify, "chat": cmd_chat, "judge": cmd_judge, "synth": cmd_synth,
-            "import-gpt2": cmd_import_gpt2, "export-hf": cmd_export_hf, "eval": cmd_eval, "serve": cmd_serve}
+            "import-gpt2": cmd_import_gpt2, "export-hf": cmd_export_hf, "export-gguf": cmd_export_gguf,
+            "export-onnx": cmd_export_onnx, "eval": cmd_eval, "serve": cmd_serve}
 
 
 # Ranges of the options that are not config fields (those are checked by the configs' validate()).

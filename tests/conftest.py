@@ -4,6 +4,7 @@ No test needs ../shared/: real data comes from the small slices in tests/fixture
 """
 
 import os
+from pathlib import Path
 
 import pytest
 

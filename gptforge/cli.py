@@ -280,7 +280,7 @@ def cmd_generate(ns) -> None:
 
 
 def cmd_quickstart(ns) -> None:
-    from gptforge.quickstart import quickstart
+    from gptforge.apps.quickstart import quickstart
 
     quickstart(run_dir=Path(ns.run_dir), minutes=ns.minutes, device=ns.device, steps=ns.steps)
 
@@ -321,7 +321,7 @@ def cmd_merge_lora(ns) -> None:
 def cmd_classify(ns) -> None:
     import json
 
-    from gptforge.chat import input_lines
+    from gptforge.apps.chat import input_lines
     from gptforge.checkpoint import load_model, read_meta, resolve_checkpoint
     from gptforge.common import pick_device
     from gptforge.train.modes import classify_texts
@@ -367,7 +367,7 @@ def cmd_classify(ns) -> None:
 
 
 def cmd_chat(ns) -> None:
-    from gptforge.chat import NO_TEMPLATE, ChatSession, run_chat
+    from gptforge.apps.chat import NO_TEMPLATE, ChatSession, run_chat
     from gptforge.checkpoint import load_model
     from gptforge.common import pick_device
 
@@ -389,7 +389,7 @@ def cmd_judge(ns) -> None:
     import json
 
     from gptforge.common import atomic_write_text
-    from gptforge.judge import format_report, judge_file
+    from gptforge.apps.judge import format_report, judge_file
 
     report = judge_file(Path(ns.responses), ns.endpoint, ns.model, api_key=_api_key(ns), timeout=ns.timeout,
                         retries=ns.retries, out=Path(ns.out) if ns.out else None, concurrency=ns.concurrency)
@@ -399,9 +399,9 @@ def cmd_judge(ns) -> None:
 
 
 def cmd_synth(ns) -> None:
-    from gptforge.judge import ChatClient
-    from gptforge.data.finetune import parse_delimiters
-    from gptforge.synth import synthesize
+    from gptforge.apps.judge import ChatClient
+    from gptforge.data.examples import parse_delimiters
+    from gptforge.apps.synth import synthesize
 
     try:
         prompt = Path(ns.prompt_file).read_text(encoding="utf-8")

@@ -17,8 +17,7 @@ LAYERS = {
     "gptforge.checkpoint": 3, "gptforge.trainer_state": 3,
     "gptforge.engine": 4, "gptforge.textgen": 4, "gptforge.interop": 4, "gptforge.eval": 4,
     "gptforge.train": 5,
-    "gptforge.quickstart": 6, "gptforge.serve": 6, "gptforge.judge": 6, "gptforge.cli": 6, "gptforge.__main__": 7,
-    "gptforge.chat": 6, "gptforge.synth": 6,
+    "gptforge.serve": 6, "gptforge.apps": 6, "gptforge.cli": 6, "gptforge.__main__": 7,
     "gptforge.cli_errors": 6,
 }
 

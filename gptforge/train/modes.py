@@ -14,7 +14,7 @@ import torch
 from gptforge.common import Runtime, UserError, atomic_write_text
 from gptforge.config import FinetuneConfig, SampleConfig
 from gptforge.data import batches as B
-from gptforge.data import finetune as D
+from gptforge.data import examples as D
 from gptforge.model import GPT, GPTClassifier
 from gptforge.textgen import generate_text
 from gptforge.tokenizer import Tokenizer

@@ -30,9 +30,9 @@ from pathlib import Path
 from typing import Optional, Sequence, TextIO
 
 from gptforge.common import UserError, atomic_write_text
-from gptforge.data.finetune import (check_document_tag, document_block, opening_stem, read_text_corpus,
+from gptforge.data.examples import (check_document_tag, document_block, opening_stem, read_text_corpus,
                                     takes_tags)
-from gptforge.judge import ChatClient, EndpointUnreachable, RequestFailed
+from gptforge.apps.judge import ChatClient, EndpointUnreachable, RequestFailed
 
 TAG_FIELD = "{tag}"
 

@@ -399,7 +399,7 @@ def cmd_judge(ns) -> None:
 
 
 def cmd_synth(ns) -> None:
-    from gptforge.apps.judge import ChatClient
+    from gptforge.client import ChatClient
     from gptforge.data.examples import parse_delimiters
     from gptforge.apps.synth import synthesize
 

@@ -15,7 +15,7 @@ LAYERS = {
     "gptforge.model": 1, "gptforge.tokenizer": 1, "gptforge.prompts": 1, "gptforge.lora": 1,
     "gptforge.data": 2,
     "gptforge.checkpoint": 3, "gptforge.trainer_state": 3,
-    "gptforge.engine": 4, "gptforge.textgen": 4, "gptforge.interop": 4, "gptforge.eval": 4,
+    "gptforge.engine": 4, "gptforge.textgen": 4, "gptforge.interop": 4, "gptforge.eval": 4, "gptforge.client": 4,
     "gptforge.train": 5,
     "gptforge.serve": 6, "gptforge.apps": 6, "gptforge.cli": 6, "gptforge.__main__": 7,
     "gptforge.cli_errors": 6,
@@ -49,6 +49,21 @@ def test_imports_point_one_way():
         for dep in imported_modules(path):
             if layer_of(dep) > layer_of(module):
                 bad.append(f"{module} imports {dep}")
+    assert not bad, bad
+
+
+def test_apps_stand_alone():
+    """An app (gptforge/apps/) imports the library, never another app; only the CLI imports apps."""
+    bad = []
+    for path in PKG.rglob("*.py"):
+        module = ".".join(path.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__")
+        for dep in imported_modules(path):
+            if not dep.startswith("gptforge.apps"):
+                continue
+            if module.startswith("gptforge.apps.") and dep != module:
+                bad.append(f"app {module} imports {dep}")
+            elif not module.startswith("gptforge.apps") and module != "gptforge.cli":
+                bad.append(f"library module {module} imports {dep}")
     assert not bad, bad
 
 

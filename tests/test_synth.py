@@ -9,7 +9,7 @@ import pytest
 
 from gptforge.common import UserError
 from gptforge.data.examples import read_text_corpus
-from gptforge.apps.judge import ChatClient
+from gptforge.client import ChatClient
 from gptforge.apps.synth import extract_document, synthesize
 from helpers import run_cli
 from test_judge import Stub  # the judge tests' chat-completions stub

@@ -29,10 +29,10 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Optional, Sequence, TextIO
 
+from gptforge.client import ChatClient, EndpointUnreachable, RequestFailed
 from gptforge.common import UserError, atomic_write_text
 from gptforge.data.examples import (check_document_tag, document_block, opening_stem, read_text_corpus,
                                     takes_tags)
-from gptforge.apps.judge import ChatClient, EndpointUnreachable, RequestFailed
 
 TAG_FIELD = "{tag}"
 

@@ -312,7 +312,7 @@ def cmd_finetune(ns) -> None:
 
 
 def cmd_merge_lora(ns) -> None:
-    from gptforge.train.finetune import merge_lora_checkpoint
+    from gptforge.checkpoint import merge_lora_checkpoint
 
     out = merge_lora_checkpoint(Path(ns.checkpoint), Path(ns.out))
     print(f"merged {ns.checkpoint} -> {out}")
@@ -321,10 +321,10 @@ def cmd_merge_lora(ns) -> None:
 def cmd_classify(ns) -> None:
     import json
 
-    from gptforge.apps.chat import input_lines
+    from gptforge.terminal import input_lines
     from gptforge.checkpoint import load_model, read_meta, resolve_checkpoint
     from gptforge.common import pick_device
-    from gptforge.train.modes import classify_texts
+    from gptforge.classify import classify_texts
 
     path = resolve_checkpoint(Path(ns.checkpoint))
     labels = (read_meta(path).get("classifier") or {}).get("labels")

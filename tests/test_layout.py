@@ -11,11 +11,12 @@ PKG = REPO / "gptforge"
 
 # Each module's layer; a module may import gptforge modules of its own layer or lower ones only.
 LAYERS = {
-    "gptforge": 0, "gptforge.config": 0, "gptforge.common": 0, "gptforge.files": 0,
+    "gptforge": 0, "gptforge.config": 0, "gptforge.common": 0, "gptforge.files": 0, "gptforge.terminal": 0,
     "gptforge.model": 1, "gptforge.tokenizer": 1, "gptforge.prompts": 1, "gptforge.lora": 1,
     "gptforge.data": 2,
     "gptforge.checkpoint": 3, "gptforge.trainer_state": 3,
     "gptforge.engine": 4, "gptforge.textgen": 4, "gptforge.interop": 4, "gptforge.eval": 4, "gptforge.client": 4,
+    "gptforge.classify": 4,
     "gptforge.train": 5,
     "gptforge.serve": 6, "gptforge.apps": 6, "gptforge.cli": 6, "gptforge.__main__": 7,
     "gptforge.cli_errors": 6,

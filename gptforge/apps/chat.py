@@ -23,6 +23,7 @@ import torch
 from gptforge.common import UserError
 from gptforge.config import SampleConfig
 from gptforge.engine import Engine
+from gptforge.terminal import input_lines
 from gptforge.textgen import stream_text
 from gptforge.tokenizer import Tokenizer
 
@@ -175,23 +176,6 @@ def run_chat(session: ChatSession, stdin: Optional[TextIO] = None, stdout: Optio
         replies += 1
         _note_truncation(session.last_fit, stderr, interactive)
     return replies
-
-
-def input_lines(stdin: TextIO, prompt: Optional[str] = None) -> Iterator[str]:
-    """Lines until the end of input. With a prompt (a person at the terminal), lines are read through
-    input() so they can be edited, and Ctrl-D or Ctrl-C at the prompt end the session quietly."""
-    while True:
-        if prompt is not None and stdin is sys.stdin:
-            try:
-                line = input(prompt)
-            except (EOFError, KeyboardInterrupt):
-                print()
-                return
-        else:
-            line = stdin.readline()
-            if not line:
-                return
-        yield line
 
 
 def _note_truncation(fit: Optional[PromptFit], stderr: TextIO, interactive: bool) -> None:

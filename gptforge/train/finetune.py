@@ -17,19 +17,15 @@ from typing import Optional
 
 import torch
 
-from gptforge.checkpoint import (MODEL_CONFIG, base_fingerprint, load_model, refuse_to_replace, resolve_checkpoint,
-                                 run_checkpoint)
+from gptforge.checkpoint import FINETUNE_META, base_fingerprint, load_model, resolve_checkpoint, run_checkpoint
 from gptforge.common import Runtime, UserError, atomic_write_text, seed_everything, setup_runtime, teardown_runtime
 from gptforge.config import FINETUNE_MODES, FinetuneConfig, RunConfig, SampleConfig, TrainConfig
 from gptforge.lora import LoRAConfig, apply_lora, count_trainable, has_lora
 from gptforge.model import GPT
 from gptforge.textgen import generate_text
 from gptforge.train.loop import LoopResult, train_loop
-from gptforge.train.metrics import plot_losses
+from gptforge.train.metrics import plot_losses, plot_sweep
 from gptforge.train.modes import MODES, Mode
-
-FINETUNE_META = "finetune"
-
 
 @dataclasses.dataclass
 class FinetuneResult:
@@ -223,43 +219,9 @@ def lr_sweep(mode: str, base: str, ft: FinetuneConfig, tc: TrainConfig, sample: 
         runtime.print(f"  lr {lr:<10g} val loss {val:.4f}  train loss {res.loop.train_loss:.4f}")
     if runtime.is_main:
         atomic_write_text(root / "sweep.json", json.dumps(rows, indent=2) + "\n")
-        _plot_sweep(rows, root / "sweep.png")
+        plot_sweep(rows, root / "sweep.png")
         runtime.print("\n".join(["", f"{'lr':>10}  {'val loss':>9}  {'train loss':>10}"]
                                 + [f"{r['lr']:>10g}  {r['val_loss']:>9.4f}  {r['train_loss']:>10.4f}" for r in rows]))
     return rows
 
 
-def _plot_sweep(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-    ax.plot([r["lr"] for r in rows], [r["val_loss"] for r in rows], marker="o", label="validation")
-    ax.plot([r["lr"] for r in rows], [r["train_loss"] for r in rows], marker="o", label="train", alpha=0.6)
-    ax.set_xscale("log")
-    ax.set_xlabel("learning rate")
-    ax.set_ylabel("loss after the trial")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-
-
-# --- merging adapters ---------------------------------------------------------------------------------
-def merge_lora_checkpoint(path: Path, out: Path) -> Path:
-    """A LoRA checkpoint -> a plain checkpoint with the adapters folded into the weights."""
-    from gptforge.checkpoint import save_checkpoint
-    from gptforge.lora import merge_lora
-
-    refuse_to_replace(Path(out), (MODEL_CONFIG,), "a gptforge checkpoint")
-    model, tokenizer, meta = load_model(path, "cpu")
-    if not meta.get("lora"):
-        raise UserError(f"{path} has no LoRA adapters to merge; it is already a full checkpoint")
-    merge_lora(model)
-    kept = {k: v for k, v in meta.items() if k in (FINETUNE_META, "classifier")}
-    save_checkpoint(Path(out), model, tokenizer, step=meta.get("step", 0), val_loss=meta.get("val_loss"),
-                    extra_meta={**kept, "merged_from": str(Path(path).resolve())})
-    return Path(out)

@@ -187,21 +187,6 @@ def classify_stats(model: GPT, source: B.EpochBatches, n_classes: int, runtime: 
             "confusion": confusion.tolist()}
 
 
-def classify_texts(model: GPTClassifier, tokenizer: Tokenizer, texts: list[str], labels: list[str],
-                   device, keep: str = "start") -> list[dict]:
-    """Texts -> [{label, probabilities {name: p}}] with a trained classifier (gptforge classify)."""
-    encoded = B.encode_labeled([D.LabeledText(t, labels[0]) for t in texts], tokenizer, labels,
-                               model.config.block_size, keep=keep)
-    width = max(len(ids) for ids, _ in encoded.sequences)
-    x = torch.full((len(texts), width), -1, dtype=torch.long)
-    for row, (ids, _) in enumerate(encoded.sequences):
-        x[row, :len(ids)] = torch.tensor(ids)
-    model.eval()
-    with torch.no_grad():
-        probs = torch.softmax(model(x.to(device))[0].float(), dim=-1).cpu()
-    return [{"label": labels[int(p.argmax())], "probabilities": dict(zip(labels, map(float, p)))} for p in probs]
-
-
 class SFTMode(Mode):
     """Supervised fine-tuning on (prompt, response) sequences whose loss mask the tokenizer owns."""
 

@@ -41,6 +41,12 @@ def _endpoint_arguments(p: ArgumentParser) -> None:
                    help="Retries of a request that timed out or failed with a connection error, 429 or 5xx.")
 
 
+def _runtime_arguments(p: ArgumentParser) -> None:
+    p.add_argument("--device", type=str, default="auto", help="cpu, cuda, mps or auto.")
+    p.add_argument("--dtype", type=str, default="auto",
+                   help="Autocast dtype: auto (bfloat16 on capable GPUs, else float32), float32, bfloat16, float16.")
+
+
 def build_parser() -> ArgumentParser:
     # Inherited by every subcommand: main() words parser errors itself, in one line; a misspelled option is
     # an error with a suggestion, never silently expanded (jsonargparse 5 drops abbreviations too).
@@ -67,7 +73,7 @@ def build_parser() -> ArgumentParser:
     gen.add_argument("--stream", type=bool, default=False, help="Print tokens as they are generated.")
     gen.add_argument("--truncate", type=Optional[str], default=None,
                      help="'left' keeps the last tokens of a prompt longer than the context window.")
-    gen.add_argument("--device", type=str, default="auto", help="cpu, cuda, mps or auto.")
+    _runtime_arguments(gen)
     sub.add_subcommand("generate", gen, help="Sample text from a trained model.")
 
     quick = ArgumentParser(description="Download the built-in Shakespeare corpus, train a small character-"
@@ -111,7 +117,7 @@ def build_parser() -> ArgumentParser:
     cls.add_argument("--keep", type=str, default="start",
                      help="start or end: which part of a text longer than the context window is read.")
     cls.add_argument("--batch_size", type=int, default=32, help="Texts per forward pass.")
-    cls.add_argument("--device", type=str, default="auto", help="cpu, cuda, mps or auto.")
+    _runtime_arguments(cls)
     sub.add_subcommand("classify", cls, help="Label texts with a fine-tuned classifier.")
 
     chat = ArgumentParser(description="Chat with a checkpoint from `gptforge finetune chat` in the terminal. "
@@ -121,7 +127,7 @@ def build_parser() -> ArgumentParser:
     chat.add_argument("checkpoint", type=str, help="Chat checkpoint or run directory (uses best, else latest).")
     chat.add_argument("--system", type=Optional[str], default=None, help="System message that starts the conversation.")
     chat.add_class_arguments(SampleConfig, "sample", as_group=True)
-    chat.add_argument("--device", type=str, default="auto", help="cpu, cuda, mps or auto.")
+    _runtime_arguments(chat)
     sub.add_subcommand("chat", chat, help="Multi-turn terminal chat with a chat model.")
 
     jdg = ArgumentParser(description="Score responses (the JSONL that `finetune instruct` writes: instruction, "
@@ -197,9 +203,7 @@ def build_parser() -> ArgumentParser:
                          "(raw text, as build-nanogpt/llm.c).")
     ev.add_argument("--predictions", type=Optional[str], default=None,
                     help="Write per-example predictions of a benchmark to this JSONL file.")
-    ev.add_argument("--device", type=str, default="auto", help="cpu, cuda, mps or auto.")
-    ev.add_argument("--dtype", type=str, default="auto",
-                    help="Autocast dtype: auto (bfloat16 on capable GPUs, else float32), float32, bfloat16, float16.")
+    _runtime_arguments(ev)
     ev.add_argument("--json", type=Optional[str], default=None, help="Also write the results to this JSON file.")
     sub.add_subcommand("eval", ev, help="Perplexity, bits per byte, HellaSwag and other benchmarks.")
 
@@ -249,7 +253,7 @@ def cmd_train(ns) -> None:
 
 def cmd_generate(ns) -> None:
     from gptforge.checkpoint import load_model
-    from gptforge.common import pick_device
+    from gptforge.common import inference_runtime
     from gptforge.textgen import generate_text, stream_text
 
     prompts = [ns.prompt or ""]
@@ -261,17 +265,17 @@ def cmd_generate(ns) -> None:
     if ns.truncate not in (None, "left"):
         raise UserError(f"--truncate takes 'left', got {ns.truncate!r}")
     sample = SampleConfig(**_fields(ns, "sample")).validate()
-    device = pick_device(ns.device)
-    model, tokenizer, _ = load_model(Path(ns.checkpoint), device)
+    runtime = inference_runtime(ns.device, ns.dtype)
+    model, tokenizer, _ = load_model(Path(ns.checkpoint), runtime.device)
     if ns.stream:
         for prompt in prompts:
             sys.stdout.write(prompt)
-            for _, delta in stream_text(model, tokenizer, [prompt], sample, device, truncate=ns.truncate):
+            for _, delta in stream_text(model, tokenizer, [prompt], sample, runtime, truncate=ns.truncate):
                 sys.stdout.write(delta)
                 sys.stdout.flush()
             sys.stdout.write("\n")
         return
-    texts = generate_text(model, tokenizer, prompts, sample, device, truncate=ns.truncate)
+    texts = generate_text(model, tokenizer, prompts, sample, runtime, truncate=ns.truncate)
     per_prompt = len(texts) // len(prompts)
     for i, text in enumerate(texts):
         print(prompts[i // per_prompt] + text)
@@ -323,19 +327,19 @@ def cmd_classify(ns) -> None:
 
     from gptforge.terminal import input_lines
     from gptforge.checkpoint import load_model, read_meta, resolve_checkpoint
-    from gptforge.common import pick_device
+    from gptforge.common import inference_runtime
     from gptforge.classify import classify_texts
 
     path = resolve_checkpoint(Path(ns.checkpoint))
     labels = (read_meta(path).get("classifier") or {}).get("labels")
     if not labels:  # checked before the weights load
         raise UserError(f"{path} is not a classifier: it was not fine-tuned with `gptforge finetune classify`")
-    device = pick_device(ns.device)
-    model, tokenizer, _ = load_model(path, device)
+    runtime = inference_runtime(ns.device, ns.dtype)
+    model, tokenizer, _ = load_model(path, runtime.device)
 
     def classify(texts: list[str]) -> list[dict]:
         return [r for i in range(0, len(texts), ns.batch_size)
-                for r in classify_texts(model, tokenizer, texts[i:i + ns.batch_size], labels, device, keep=ns.keep)]
+                for r in classify_texts(model, tokenizer, texts[i:i + ns.batch_size], labels, runtime, keep=ns.keep)]
 
     def show(result: dict) -> str:
         probs = ", ".join(f"{name} {p:.4f}" for name, p in result["probabilities"].items())
@@ -369,14 +373,14 @@ def cmd_classify(ns) -> None:
 def cmd_chat(ns) -> None:
     from gptforge.apps.chat import NO_TEMPLATE, ChatSession, run_chat
     from gptforge.checkpoint import load_model
-    from gptforge.common import pick_device
+    from gptforge.common import inference_runtime
 
     sample = SampleConfig(**_fields(ns, "sample")).validate()
-    device = pick_device(ns.device)
-    model, tokenizer, meta = load_model(Path(ns.checkpoint), device)
+    runtime = inference_runtime(ns.device, ns.dtype)
+    model, tokenizer, meta = load_model(Path(ns.checkpoint), runtime.device)
     if meta.get("classifier") or not tokenizer.has_chat_template:
         raise UserError(f"{ns.checkpoint}: {NO_TEMPLATE}")
-    run_chat(ChatSession(model, tokenizer, sample, device, system=ns.system))
+    run_chat(ChatSession(model, tokenizer, sample, runtime, system=ns.system))
 
 
 def _api_key(ns) -> Optional[str]:
@@ -436,11 +440,11 @@ def cmd_export_hf(ns) -> None:
 def cmd_eval(ns) -> None:
     import json
 
-    from gptforge.common import atomic_write_text
+    from gptforge.common import atomic_write_text, inference_runtime
     from gptforge.eval.run import evaluate_checkpoint, format_results, jsonable
 
     report = evaluate_checkpoint(
-        ns.checkpoint, ns.task, device=ns.device, dtype=ns.dtype, predictions=ns.predictions, data=ns.data,
+        ns.checkpoint, ns.task, runtime=inference_runtime(ns.device, ns.dtype), predictions=ns.predictions, data=ns.data,
         split=ns.split, stride=ns.stride, limit=ns.limit, batch_size=ns.batch_size,
         prompt_format=ns.prompt_format, progress=True)
     print(format_results(report))

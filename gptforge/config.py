@@ -348,7 +348,13 @@ class FinetuneConfig:
 
 @dataclass
 class SampleConfig:
-    """How to sample text from a model."""
+    """How to sample text from a model.
+
+    The defaults (temperature 0.8, top-k 200) are nanoGPT's sample.py's, kept for `generate`, `chat` and the
+    samples training writes: a little less diversity for text that reads well from small, briefly trained
+    models. The engine (SamplingParams) and the HTTP API default to the model's own distribution
+    (temperature 1, no top-k), as OpenAI's API does, so API clients get what they expect; this is the one
+    place the difference is decided (--sample.temperature 1 --sample.top_k null gives the API's)."""
 
     max_new_tokens: int = 200
     """Tokens to generate per sample."""

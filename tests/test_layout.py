@@ -68,6 +68,13 @@ def test_apps_stand_alone():
     assert not bad, bad
 
 
+def test_engine_speaks_tokens_only():
+    """The engine takes SamplingParams and ids, never the CLI's SampleConfig or text (textgen converts)."""
+    for path in (PKG / "engine").glob("*.py"):
+        deps = imported_modules(path)
+        assert not deps & {"gptforge.config", "gptforge.textgen", "gptforge.tokenizer"}, (path.name, deps)
+
+
 def test_model_is_pure_math():
     imports = set()
     for node in ast.walk(ast.parse((PKG / "model.py").read_text())):

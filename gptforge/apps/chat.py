@@ -24,7 +24,7 @@ from gptforge.common import UserError
 from gptforge.config import SampleConfig
 from gptforge.engine import Engine
 from gptforge.terminal import input_lines
-from gptforge.textgen import stream_text
+from gptforge.textgen import Where, stream_text
 from gptforge.tokenizer import Tokenizer
 
 NO_TEMPLATE = ("this checkpoint has no chat template; fine-tune it with `gptforge finetune chat` first "
@@ -80,11 +80,11 @@ def system_ids(tokenizer: Tokenizer, system: Optional[str], budget: int) -> list
 class ChatSession:
     """A conversation with a chat model: `reply(text)` streams the answer and remembers both turns."""
 
-    def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer, sample: SampleConfig, device=None,
-                 system: Optional[str] = None, dtype: torch.dtype = torch.float32):
+    def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer, sample: SampleConfig, runtime: Where = None,
+                 system: Optional[str] = None):
         if not tokenizer.has_chat_template:
             raise UserError(NO_TEMPLATE)
-        self.engine = Engine(model, device=device, dtype=dtype)
+        self.engine = Engine(model, runtime)
         self.tokenizer = tokenizer
         self.sample = dataclasses.replace(sample, num_samples=1)  # one reply per turn
         self.system = system or None

@@ -396,7 +396,7 @@ def serve(checkpoint: str, config: ServeConfig) -> None:
     import uvicorn
 
     from gptforge.checkpoint import load_model, resolve_checkpoint
-    from gptforge.common import human_count, pick_device, pick_dtype
+    from gptforge.common import human_count, inference_runtime
     from gptforge.engine import Engine
     from gptforge.model import count_parameters
 
@@ -409,15 +409,14 @@ def serve(checkpoint: str, config: ServeConfig) -> None:
     if config.threads:
         torch.set_num_threads(config.threads)
     path = resolve_checkpoint(Path(checkpoint))
-    device = pick_device(config.device)
-    dtype = pick_dtype(config.dtype, device)
-    model, tokenizer, _ = load_model(path, device)
-    engine = Engine(model, device=device, dtype=dtype)
+    runtime = inference_runtime(config.device, config.dtype)
+    model, tokenizer, _ = load_model(path, runtime.device)
+    engine = Engine(model, runtime)
     info = ServerInfo(
         model=config.model_name or default_model_name(path), checkpoint=str(path),
         parameters=count_parameters(model), context_length=model.config.block_size,
-        vocab_size=model.config.vocab_size, tokenizer=tokenizer.describe(), device=str(device),
-        dtype=str(dtype).removeprefix("torch."), chat=bool(getattr(tokenizer, "has_chat_template", False)))
+        vocab_size=model.config.vocab_size, tokenizer=tokenizer.describe(), device=str(runtime.device),
+        dtype=str(runtime.dtype).removeprefix("torch."), chat=bool(getattr(tokenizer, "has_chat_template", False)))
     rate = RateLimit()
     _log_like_uvicorn(config.log_level, rate)
     app = create_app(GenerationWorker(engine, tokenizer, config.max_batch_size), info, config, rate)

@@ -285,9 +285,6 @@ class TrainConfig:
         return self
 
 
-FINETUNE_MODES = ("text", "classify", "instruct", "chat")
-
-
 @dataclass
 class FinetuneConfig:
     """What `gptforge finetune MODE` adds to the training options (--train.*), which keep their meaning."""
@@ -467,12 +464,3 @@ def save_yaml(cfg: Any, path: Path) -> None:
 
     atomic_write_text(Path(path), yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
-
-def load_yaml(cls: type, path: Path) -> Any:
-    try:
-        values = yaml.safe_load(Path(path).read_text()) or {}
-    except FileNotFoundError:
-        raise UserError(f"config file not found: {path}") from None
-    except yaml.YAMLError as e:
-        raise UserError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
-    return from_dict(cls, values, where=Path(path).name)

@@ -30,7 +30,7 @@ from gptforge.common import UserError, atomic_write_text, cache_dir, human_count
 from gptforge.config import DataConfig, checked
 from gptforge.files import contained_name, read_json, regular_file
 from gptforge.data.sources import Piece, iter_documents, source_total_bytes
-from gptforge.tokenizer import build_tokenizer, load_tokenizer
+from gptforge.tokenizer import build_tokenizer, load_tokenizer, tokenizer_needs_corpus
 
 MANIFEST = "manifest.json"
 FORMAT = "gptforge-shards"
@@ -39,14 +39,6 @@ BATCH_BYTES = 1 << 19  # text per task: big enough to amortise the hop, small en
 # chunk is a task of its own and the workers share the load evenly
 BATCH_DOCS = 4096
 SPLITS = ("train", "val")
-
-
-def _needs_corpus(spec: str) -> bool:
-    try:
-        from gptforge.tokenizer import tokenizer_needs_corpus
-    except ImportError:  # older tokenizer module: the kinds that learn from the corpus
-        return spec in ("char", "bpe")
-    return tokenizer_needs_corpus(spec)
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -242,7 +234,7 @@ def _check_target(out_dir: Path, overwrite: bool) -> None:
 
 
 def _make_tokenizer(cfg: DataConfig):
-    if not _needs_corpus(cfg.tokenizer):
+    if not tokenizer_needs_corpus(cfg.tokenizer):
         return build_tokenizer(cfg.tokenizer, vocab_size=cfg.bpe_vocab_size)
     # A first streaming pass. char learns from every document (as nanoGPT's shakespeare_char), because a
     # char tokenizer cannot encode characters it has not seen; bpe learns from train only (byte-level BPE

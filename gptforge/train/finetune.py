@@ -19,7 +19,7 @@ import torch
 
 from gptforge.checkpoint import FINETUNE_META, base_fingerprint, load_model, resolve_checkpoint, run_checkpoint
 from gptforge.common import Runtime, UserError, atomic_write_text, seed_everything, setup_runtime, teardown_runtime
-from gptforge.config import FINETUNE_MODES, FinetuneConfig, RunConfig, SampleConfig, TrainConfig
+from gptforge.config import FinetuneConfig, RunConfig, SampleConfig, TrainConfig
 from gptforge.lora import LoRAConfig, apply_lora, count_trainable, has_lora
 from gptforge.model import GPT
 from gptforge.textgen import generate_text
@@ -40,8 +40,8 @@ class FinetuneResult:
 def run_finetune(mode: str, base: str, ft: FinetuneConfig, tc: TrainConfig,
                  sample: Optional[SampleConfig] = None, runtime: Optional[Runtime] = None) -> FinetuneResult:
     """Fine-tune `base` (a checkpoint or run directory) in `mode`; rerunning the same call resumes."""
-    if mode not in FINETUNE_MODES:
-        raise UserError(f"unknown fine-tuning mode '{mode}'; use {', '.join(FINETUNE_MODES)}")
+    if mode not in MODES:
+        raise UserError(f"unknown fine-tuning mode '{mode}'; use {', '.join(MODES)}")
     if not ft.data:
         raise UserError("fine-tuning needs data: --finetune.data PATH")
     sample = sample or SampleConfig()

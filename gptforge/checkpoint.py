@@ -30,11 +30,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from gptforge import __version__
+from gptforge.checks import checked, from_dict
 from gptforge.common import UserError, check_replaceable, recover_interrupted_swap, write_dir_atomically
-from gptforge.config import ModelConfig, checked, from_dict
+from gptforge.config import ModelConfig
 from gptforge.files import read_json, regular_file, safetensors_header
 from gptforge.lora import LoRAConfig, apply_lora, has_lora, merge_lora
 from gptforge.model import GPT, GPTClassifier
+from gptforge.options import MergeLoraOptions
 from gptforge.tokenizer import Tokenizer, load_tokenizer
 from gptforge.trainer_state import (check_trainer_state, flatten_optimizer_state, restore_optimizer,  # noqa: F401
                                     unflatten_optimizer_state)
@@ -366,3 +368,9 @@ def merge_lora_checkpoint(path: Path, out: Path) -> Path:
     save_checkpoint(Path(out), model, tokenizer, step=meta.get("step", 0), val_loss=meta.get("val_loss"),
                     extra_meta={**kept, "merged_from": str(Path(path).resolve())})
     return Path(out)
+
+
+def merge_lora_command(options: MergeLoraOptions) -> None:
+    """`gptforge merge-lora`."""
+    out = merge_lora_checkpoint(Path(options.checkpoint), Path(options.out))
+    print(f"merged {options.checkpoint} -> {out}")

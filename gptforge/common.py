@@ -39,6 +39,14 @@ class UserError(Exception):
     """A problem with the user's input: printed as one line by the CLI, with a non-zero exit."""
 
 
+def read_user_text(path: "str | Path", what: str = "") -> str:
+    """A UTF-8 text file the user named (a prompt, a list of texts), or a UserError naming it."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read {what + ' ' if what else ''}{path}: {e}") from None
+
+
 def cache_dir() -> Path:
     """Where downloaded corpora and files are cached (GPTFORGE_CACHE overrides)."""
     root = os.environ.get("GPTFORGE_CACHE") or os.path.join(

@@ -12,13 +12,16 @@ The returned text is the completion only, without the prompt.
 from __future__ import annotations
 
 import codecs
+import sys
+from pathlib import Path
 from typing import Iterator, Optional, Sequence, Union
 
 import torch
 
-from gptforge.common import Runtime, UserError
+from gptforge.common import Runtime, UserError, read_user_text
 from gptforge.config import SampleConfig
 from gptforge.engine import Engine, SamplingParams, StepOutput
+from gptforge.options import GenerateOptions
 from gptforge.tokenizer import Tokenizer
 
 Prompt = Union[str, Sequence[int]]  # text, or ids already rendered by the tokenizer
@@ -52,6 +55,30 @@ def _stream_deltas(steps, texts: "TextRows") -> Iterator[tuple[int, str]]:
     for step in steps:
         yield from texts.update(step)
     yield from texts.close()  # rows the engine never finished (max_new_tokens == 0, or cut short)
+
+
+def generate_command(options: GenerateOptions) -> None:
+    """`gptforge generate`: each prompt followed by its completions (streamed with --stream)."""
+    from gptforge.checkpoint import load_model
+
+    prompts = [read_user_text(options.prompt_file, "prompt file")] if options.prompt_file else [options.prompt or ""]
+    runtime = options.runtime()
+    model, tokenizer, _ = load_model(Path(options.checkpoint), runtime.device)
+    sample, truncate = options.sample, options.truncate
+    if options.stream:
+        for prompt in prompts:
+            sys.stdout.write(prompt)
+            for _, delta in stream_text(model, tokenizer, [prompt], sample, runtime, truncate=truncate):
+                sys.stdout.write(delta)
+                sys.stdout.flush()
+            sys.stdout.write("\n")
+        return
+    texts = generate_text(model, tokenizer, prompts, sample, runtime, truncate=truncate)
+    per_prompt = len(texts) // len(prompts)
+    for i, text in enumerate(texts):
+        print(prompts[i // per_prompt] + text)
+        if i < len(texts) - 1:
+            print("-" * 40)
 
 
 def encode_prompts(tokenizer: Tokenizer, prompts: Sequence[Prompt]) -> list[list[int]]:

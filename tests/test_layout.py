@@ -11,15 +11,15 @@ PKG = REPO / "gptforge"
 
 # Each module's layer; a module may import gptforge modules of its own layer or lower ones only.
 LAYERS = {
-    "gptforge": 0, "gptforge.config": 0, "gptforge.common": 0, "gptforge.files": 0, "gptforge.terminal": 0,
+    "gptforge": 0, "gptforge.config": 0, "gptforge.checks": 0, "gptforge.common": 0, "gptforge.files": 0,
+    "gptforge.options": 0, "gptforge.terminal": 0,
     "gptforge.model": 1, "gptforge.tokenizer": 1, "gptforge.prompts": 1, "gptforge.lora": 1,
     "gptforge.data": 2,
     "gptforge.checkpoint": 3, "gptforge.trainer_state": 3,
     "gptforge.engine": 4, "gptforge.textgen": 4, "gptforge.interop": 4, "gptforge.eval": 4, "gptforge.client": 4,
     "gptforge.classify": 4,
     "gptforge.train": 5,
-    "gptforge.serve": 6, "gptforge.apps": 6, "gptforge.cli": 6, "gptforge.__main__": 7,
-    "gptforge.cli_errors": 6,
+    "gptforge.serve": 6, "gptforge.apps": 6, "gptforge.cli": 6, "gptforge.cli_errors": 6, "gptforge.__main__": 7,
 }
 
 
@@ -89,7 +89,8 @@ def test_model_is_pure_math():
 
 
 def test_import_gptforge_is_light():
-    code = ("import sys, gptforge, gptforge.config, gptforge.cli; "
+    """Importing the package and building the whole parser loads no heavy library: `gptforge --help` is quick."""
+    code = ("import sys, gptforge, gptforge.config, gptforge.cli; gptforge.cli.build_parser(); "
             "print(','.join(m for m in ('torch','matplotlib','datasets','transformers','tiktoken') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
     assert out.stdout.strip() == "", f"heavy modules imported at start-up: {out.stdout}"

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+from pathlib import Path
 from typing import Iterator, Optional, TextIO
 
 import torch
@@ -23,6 +24,7 @@ import torch
 from gptforge.common import UserError
 from gptforge.config import SampleConfig
 from gptforge.engine import Engine
+from gptforge.options import ChatOptions
 from gptforge.terminal import input_lines
 from gptforge.textgen import Where, stream_text
 from gptforge.tokenizer import Tokenizer
@@ -133,6 +135,17 @@ class ChatSession:
 # --- the terminal loop -----------------------------------------------------------------------------------
 HELP = "/reset clears the conversation, /exit (or Ctrl-D) quits"
 BOLD, DIM, RESET = "\033[1m", "\033[2m", "\033[0m"
+
+
+def chat_command(options: ChatOptions) -> None:
+    """`gptforge chat`: a session on the checkpoint, over this process's standard streams."""
+    from gptforge.checkpoint import load_model
+
+    runtime = options.runtime()
+    model, tokenizer, meta = load_model(Path(options.checkpoint), runtime.device)
+    if meta.get("classifier") or not tokenizer.has_chat_template:
+        raise UserError(f"{options.checkpoint}: {NO_TEMPLATE}")
+    run_chat(ChatSession(model, tokenizer, options.sample, runtime, system=options.system))
 
 
 def run_chat(session: ChatSession, stdin: Optional[TextIO] = None, stdout: Optional[TextIO] = None,

@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Optional
 
 from gptforge.client import ChatClient, EndpointUnreachable, RequestFailed
-from gptforge.common import UserError, atomic_write_text, iter_jsonl
+from gptforge.common import UserError, atomic_write_text, iter_jsonl, read_user_text
+from gptforge.options import JudgeOptions
 
 RUBRIC = ("Given the input `{input}` and correct output `{reference}`, score the model response "
           "`{response}` on a scale from 0 to 100, where 100 is the best score. "
@@ -53,10 +54,7 @@ def parse_score(reply: str) -> Optional[int]:
 # --- the judging run ------------------------------------------------------------------------------------
 def read_items(path: Path) -> list[tuple[int, dict]]:
     """(line number, item) for each JSONL item, checked up front so a bad line fails before any request."""
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"cannot read {path}: {e}") from None
+    lines = read_user_text(path).splitlines()
     items = []
     for number, item in iter_jsonl(lines, path):
         if not isinstance(item, dict):
@@ -87,6 +85,16 @@ def judge_item(client: ChatClient, item: dict) -> dict:
         return {"score": None, "judge_reply": None, "error": str(e)}
     score = parse_score(reply)
     return {"score": score, "judge_reply": reply, "error": None if score is not None else "no 0-100 score in reply"}
+
+
+def judge_command(options: JudgeOptions) -> None:
+    """`gptforge judge`: the report on the terminal, and as JSON with --json."""
+    report = judge_file(Path(options.responses), options.endpoint, options.model, api_key=options.key(),
+                        timeout=options.timeout, retries=options.retries,
+                        out=Path(options.out) if options.out else None, concurrency=options.concurrency)
+    print(format_report(report))
+    if options.json:
+        atomic_write_text(Path(options.json), json.dumps(report, indent=2) + "\n")
 
 
 def judge_file(responses: Path, endpoint: str, model: str, *, api_key: Optional[str] = None,

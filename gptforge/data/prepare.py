@@ -26,10 +26,12 @@ from typing import Iterator, Optional
 
 import numpy as np
 
+from gptforge.checks import checked
 from gptforge.common import UserError, atomic_write_text, cache_dir, human_count, write_dir_atomically
-from gptforge.config import DataConfig, checked
+from gptforge.config import DataConfig
 from gptforge.files import contained_name, read_json, regular_file
 from gptforge.data.sources import Piece, iter_documents, source_total_bytes
+from gptforge.options import PrepareOptions
 from gptforge.tokenizer import build_tokenizer, load_tokenizer, tokenizer_needs_corpus
 
 MANIFEST = "manifest.json"
@@ -187,6 +189,14 @@ class _ShardWriter:
 
 
 # --- prepare ----------------------------------------------------------------------------------------
+def prepare_command(options: PrepareOptions) -> None:
+    """`gptforge prepare`: prepare, then one line on what was written."""
+    manifest = prepare(options.data, overwrite=options.overwrite)
+    splits = ", ".join(f"{name} {s['tokens']:,} tokens" for name, s in manifest["splits"].items())
+    print(f"prepared {options.data.dir}: {splits}; tokenizer {manifest['tokenizer']['kind']} "
+          f"(vocab {manifest['tokenizer']['vocab_size']})")
+
+
 def prepare(cfg: DataConfig, out_dir: Optional[Path] = None, progress: bool = True,
             overwrite: bool = False) -> dict:
     """Tokenize `cfg.source` into shards in `out_dir` (default cfg.dir); returns the manifest."""

@@ -13,6 +13,7 @@ from gptforge.eval.choice import ChoiceExample, choice_metrics, prediction_recor
 from gptforge.eval.lm import evaluate_lm
 from gptforge.eval.runtime import DTypeLike
 from gptforge.eval.tasks import TASKS
+from gptforge.options import EvalOptions
 from gptforge.tokenizer import Tokenizer
 
 LM_TASKS = ("loss", "perplexity")  # the same measurement under two names
@@ -128,6 +129,17 @@ def evaluate_checkpoint(checkpoint: Union[str, Path], tasks: Union[str, Sequence
                                  dtype=runtime.dtype, predictions=pred_path, **options)
     return {"checkpoint": str(path), "step": meta.get("step"), "tokenizer": tokenizer.describe(),
             "device": str(runtime.device), "dtype": str(runtime.dtype).removeprefix("torch."), "results": results}
+
+
+def eval_command(options: EvalOptions) -> None:
+    """`gptforge eval`: the results table, and the report as JSON with --json."""
+    report = evaluate_checkpoint(
+        options.checkpoint, options.task, runtime=options.runtime(), predictions=options.predictions,
+        data=options.data, split=options.split, stride=options.stride, limit=options.limit,
+        batch_size=options.batch_size, prompt_format=options.prompt_format, progress=True)
+    print(format_results(report))
+    if options.json:
+        atomic_write_text(Path(options.json), json.dumps(jsonable(report), indent=2) + "\n")
 
 
 def format_results(report: dict) -> str:

@@ -37,7 +37,7 @@ from starlette.requests import ClientDisconnect
 
 from gptforge.common import UserError
 from gptforge.engine import InvalidParam, SamplingParams
-from gptforge.serve import ServeConfig
+from gptforge.serve import ServeConfig, ServeOptions
 from gptforge.serve.guard import Guard, allowed_hosts, api_key, is_loopback
 from gptforge.serve.http import Limits, QuietRepeats, RateLimit, connection_room, protocol_class, quiet_accept_errors
 from gptforge.serve.schemas import (APIError, ChatReply, ChatRequest, CompletionReply, CompletionRequest, Plan,
@@ -390,8 +390,8 @@ def _add_error_handlers(app: FastAPI) -> None:
 
 
 # --- running it ------------------------------------------------------------------------------------------
-def serve(checkpoint: str, config: ServeConfig) -> None:
-    """Load a checkpoint (or a run's best/latest) and serve it until interrupted."""
+def serve(config: ServeOptions) -> None:
+    """Load a checkpoint (or a run's best/latest) and serve it until interrupted (`gptforge serve`)."""
     import torch
     import uvicorn
 
@@ -408,7 +408,7 @@ def serve(checkpoint: str, config: ServeConfig) -> None:
     limits = Limits(config.header_timeout, config.body_timeout, config.write_timeout, max_connections)
     if config.threads:
         torch.set_num_threads(config.threads)
-    path = resolve_checkpoint(Path(checkpoint))
+    path = resolve_checkpoint(Path(config.checkpoint))
     runtime = inference_runtime(config.device, config.dtype)
     model, tokenizer, _ = load_model(path, runtime.device)
     engine = Engine(model, runtime)

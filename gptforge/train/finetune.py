@@ -22,6 +22,7 @@ from gptforge.common import Runtime, UserError, atomic_write_text, seed_everythi
 from gptforge.config import FinetuneConfig, RunConfig, SampleConfig, TrainConfig
 from gptforge.lora import LoRAConfig, apply_lora, count_trainable, has_lora
 from gptforge.model import GPT
+from gptforge.options import FinetuneOptions
 from gptforge.textgen import generate_text
 from gptforge.train.loop import LoopResult, train_loop
 from gptforge.train.metrics import plot_losses, plot_sweep
@@ -153,9 +154,8 @@ def _has_metrics(mode: Mode) -> bool:
 def _set_trainable(model: GPT, mode: Mode, ft: FinetuneConfig) -> Optional[LoRAConfig]:
     """LoRA (adapters + head train), or only the last N blocks + final norm + head, or everything."""
     lora = None
-    if ft.lora_rank:
-        lora = LoRAConfig(rank=ft.lora_rank, alpha=ft.lora_alpha, dropout=ft.lora_dropout,
-                          targets=list(ft.lora_targets)).validate()
+    if ft.lora.rank:
+        lora = dataclasses.replace(ft.lora, targets=list(ft.lora.targets)).validate()
         if not has_lora(model):
             apply_lora(model, lora)
         head = tuple(mode.trainable_head())
@@ -169,8 +169,8 @@ def _set_trainable(model: GPT, mode: Mode, ft: FinetuneConfig) -> Optional[LoRAC
         keep += ("transformer.ln_f.", *mode.trainable_head())
         for name, p in model.named_parameters():
             p.requires_grad_(name.startswith(keep))
-    if has_lora(model) and not ft.lora_rank:
-        raise UserError("this run trains LoRA adapters; keep --finetune.lora_rank to resume it")
+    if has_lora(model) and not ft.lora.rank:
+        raise UserError("this run trains LoRA adapters; keep --finetune.lora.rank to resume it")
     return lora
 
 
@@ -225,3 +225,27 @@ def lr_sweep(mode: str, base: str, ft: FinetuneConfig, tc: TrainConfig, sample: 
     return rows
 
 
+# --- the command ----------------------------------------------------------------------------------------
+def finetune_command(options: FinetuneOptions) -> None:
+    """`gptforge finetune`: --data is short for --finetune.data; an explicit --train.max_steps wins over
+    --finetune.epochs. Prints what was trained and the mode's report."""
+    ft = dataclasses.replace(options.finetune, data=options.data or options.finetune.data)
+    tc = options.train
+    if tc.max_steps is None:
+        tc = dataclasses.replace(tc, max_steps=TrainConfig.max_steps)
+    else:
+        ft.epochs = 0
+    result = run_finetune(options.mode, options.base, ft, tc, options.sample)
+    print(f"done: {result.loop.summary()}; {result.trainable:,} of {result.total:,} parameters trained; "
+          f"run directory {result.run_dir}")
+    for split in ("train", "val", "test"):
+        if isinstance(result.report.get(split), dict):
+            stats = result.report[split]
+            print(f"{split:>5}: accuracy {stats['acc']:.4f}, loss {stats['loss']:.4f} ({stats['n']} examples)")
+    if "confusion" in (result.report.get("test") or {}):
+        labels = result.report["labels"]
+        print("test confusion matrix (rows: true, columns: predicted): " + ", ".join(labels))
+        for name, row in zip(labels, result.report["test"]["confusion"]):
+            print(f"  {name:>12} " + " ".join(f"{n:>6}" for n in row))
+    if "test_responses" in result.report:
+        print(f"test-set responses: {result.report['test_responses']}")

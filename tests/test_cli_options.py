@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from gptforge.cli import COMMANDS, build_parser, command_parser
+from gptforge.cli import COMMANDS, command_parser
 from helpers import REPO
 
 OPTION = re.compile(r"(?<![\w-])--[a-z][a-z0-9_-]*(?:\.[a-z0-9_-]+)*")
@@ -25,7 +25,6 @@ def options_of(parser) -> set[str]:
 
 
 PARSERS = {c.name: options_of(command_parser(c)) for c in COMMANDS}
-EVERY = set().union(*PARSERS.values())
 
 
 def unknown(option: str, commands) -> bool:
@@ -39,11 +38,12 @@ def unknown(option: str, commands) -> bool:
                                  for c in PARSERS)
 
 
-def problems(text: str, where: str, commands=None, scripts=()) -> list[str]:
+def problems(text: str, where: str, commands=None, scripts=(), strict: bool = False) -> list[str]:
     """Options in `text` that do not exist where they are used. After `gptforge CMD` up to the next command,
     the end of its inline code span or the end of the line: CMD's (in a code span, what comes before is a
-    launcher's, such as torchrun's). Elsewhere: a section's option (--train.lr) anywhere it exists; another
-    in `commands` (default: any command), or in one of `scripts` (bench scripts that define it)."""
+    launcher's, such as torchrun's). Elsewhere: in `commands` (default: any command), or in one of
+    `scripts` (bench scripts that define it); a section's option (--train.lr) names its section, so prose may
+    mention it anywhere, unless `strict` (a command's own messages: only its options)."""
     found, taken = [], []
     mentions = [m for m in MENTION.finditer(text) if m.group(1) in PARSERS]  # "gptforge is ..." is prose
     for i, m in enumerate(mentions):
@@ -59,7 +59,7 @@ def problems(text: str, where: str, commands=None, scripts=()) -> list[str]:
     for option in OPTION.findall(rest):
         if any(f'"{option}"' in (REPO / s).read_text() for s in scripts):
             continue
-        if unknown(option, None if "." in option else commands):
+        if unknown(option, None if "." in option and not strict else commands):
             found.append(f"{where}: {option}" + (f" (with {'/'.join(commands)})" if commands else ""))
     return found
 
@@ -98,6 +98,7 @@ def test_the_check_finds_stale_options():
     assert problems("`gptforge generate ckpt --train.device cpu`", "x")
     assert problems("lower --data.vocab_size", "x")
     assert problems("use --host", "x", commands=["generate"])
+    assert problems("use --train.device cpu", "x", commands=["generate"], strict=True)
     assert not problems("`gptforge merge-lora X --out DIR` and then --train.lr", "x", commands=["finetune"])
 
 
@@ -107,13 +108,12 @@ def help_texts(parser) -> list[str]:
 
 
 def test_help_texts_name_options_of_their_command():
-    top = build_parser()
     found = []
     for command in COMMANDS:
-        found += problems(command.help, f"gptforge --help, {command.name}", [command.name])
+        found += problems(command.help, f"gptforge --help, {command.name}", [command.name], strict=True)
         for text in help_texts(command_parser(command)):
-            found += problems(text, f"gptforge {command.name} --help", [command.name])
-    assert top is not None and not found, found
+            found += problems(text, f"gptforge {command.name} --help", [command.name], strict=True)
+    assert not found, found
 
 
 # --- messages ----------------------------------------------------------------------------------------------
@@ -162,7 +162,7 @@ def test_messages_name_options_that_exist():
                                    if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and (module, node.name) in own]
         for scope, commands in scopes:
             for line, text in messages(scope):
-                found += problems(text, f"{path.relative_to(REPO)}:{line}", commands)
+                found += problems(text, f"{path.relative_to(REPO)}:{line}", commands, strict=commands is not None)
     assert not found, found
 
 
@@ -184,7 +184,7 @@ def test_runtime_errors_name_options_every_inference_command_has():
             pick_dtype(dtype, torch.device("cpu"))
         texts.append(str(e.value))
     for command in INFERENCE:
-        assert not [p for t in texts for p in problems(t, "runtime", [command])], (command, texts)
+        assert not [p for t in texts for p in problems(t, "runtime", [command], strict=True)], (command, texts)
 
 
 def test_inference_commands_share_device_and_dtype_options():

@@ -1,10 +1,14 @@
 """`gptforge serve`: an OpenAI-compatible HTTP API (and the web app in static/) over one engine.
 
-    app.py      FastAPI app factory and routes: limits, request -> engine job -> JSON or SSE; serve()
+    app.py      FastAPI app factory and routes over one AppState: request -> plan -> engine job -> JSON or
+                SSE (respond); serve()
+    requests.py the request side: body -> JSON -> validated OpenAI fields -> ids -> a Plan within the limits
+                (and the truncate_history extension)
+    replies.py  the reply side: job updates -> OpenAI's responses, stream chunks, logprobs; error bodies
     guard.py    who may ask what: Host allow-list, API key scope, security headers (an ASGI middleware)
     http.py     the connections under it: read/write timeouts, a connection cap, rate-limited logging
-    schemas.py  request validation and the OpenAI JSON shapes (responses, chunks, errors)
     worker.py   the engine's thread: a queue of jobs, continuous batching, cancellation
+    static/     the web app: index.html, style.css and native ES modules (app.js imports the rest)
 
 A leaf: only the CLI imports it. This module imports nothing heavy (no fastapi, no torch), so the CLI
 can build its options from ServeOptions at start-up.

@@ -18,9 +18,9 @@ from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser, Namesp
 from gptforge.cli_errors import usage_error
 from gptforge.common import UserError
 from gptforge.config import RunConfig
-from gptforge.options import (ChatOptions, ClassifyOptions, EvalOptions, ExportOptions, FinetuneOptions,
-                              GenerateOptions, ImportOptions, JudgeOptions, MergeLoraOptions, PrepareOptions,
-                              QuickstartOptions, SynthOptions)
+from gptforge.options import (ChatOptions, ClassifyOptions, EvalOptions, ExportGGUFOptions, ExportONNXOptions,
+                              ExportOptions, FinetuneOptions, GenerateOptions, ImportOptions, JudgeOptions,
+                              MergeLoraOptions, PrepareOptions, QuickstartOptions, SynthOptions)
 from gptforge.serve import ServeOptions  # a plain dataclass: fastapi and torch load when the server starts
 from gptforge.train.modes import MODES  # the modes' heavy parts load when they run
 
@@ -72,6 +72,10 @@ COMMANDS = [
     Command("import-gpt2", ImportOptions, "gptforge.interop.importer:import_command",
             "Import OpenAI / Hugging Face GPT-2 weights."),
     Command("export-hf", ExportOptions, "gptforge.interop.hf:export_command", "Export a checkpoint for transformers."),
+    Command("export-gguf", ExportGGUFOptions, "gptforge.export.gguf:export_gguf_command",
+            "Export a checkpoint for llama.cpp."),
+    Command("export-onnx", ExportONNXOptions, "gptforge.export.onnx:export_onnx_command",
+            "Export a checkpoint for onnxruntime."),
     Command("eval", EvalOptions, "gptforge.eval.run:eval_command",
             "Perplexity, bits per byte, HellaSwag and other benchmarks."),
     Command("serve", ServeOptions, "gptforge.serve.app:serve", "OpenAI-compatible API server and web app."),

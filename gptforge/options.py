@@ -17,6 +17,8 @@ import os
 from dataclasses import KW_ONLY, dataclass, field
 from typing import TYPE_CHECKING, Optional
 
+from jsonargparse import ActionYesNo
+
 from gptforge.checks import check_ranges
 from gptforge.common import UserError
 from gptforge.config import DataConfig, FinetuneConfig, SampleConfig, TrainConfig
@@ -26,7 +28,8 @@ if TYPE_CHECKING:
 
 def argparse_only(**kwargs) -> dict:
     """Field metadata for what a type cannot express: {"flag": "--from"} names the option; other keys go to
-    argparse's add_argument (action="append" for an option given once per value)."""
+    argparse's add_argument (action="append": an option given once per value; ActionYesNo: a switch that
+    takes no value)."""
     return {"argparse": kwargs}
 
 
@@ -286,6 +289,44 @@ class ExportOptions:
     """Folder to write (config.json, model.safetensors, tokenizer)."""
 
     def validate(self) -> "ExportOptions":
+        return self
+
+
+@dataclass
+class ExportGGUFOptions:
+    """Export a checkpoint as one GGUF file for llama.cpp (llama-server, Ollama, LM Studio): architecture gpt2,
+    with the tokenizer and chat template."""
+
+    checkpoint: str
+    """Checkpoint directory, or a run directory (uses best, else latest)."""
+    _: KW_ONLY
+    out: str
+    """GGUF file to write."""
+    type: str = "f32"
+    """Weight type: f32 (exact), f16 (half the size) or q8_0 (int8 blocks, about a quarter)."""
+    force: bool = field(default=False, metadata=argparse_only(action=ActionYesNo))
+    """Replace an existing --out file."""
+
+    def validate(self) -> "ExportGGUFOptions":
+        return self
+
+
+@dataclass
+class ExportONNXOptions:
+    """Export a checkpoint as an ONNX folder for onnxruntime: one decoder with a key/value cache, tokenizer.json
+    and genai_config.json."""
+
+    checkpoint: str
+    """Checkpoint directory, or a run directory (uses best, else latest)."""
+    _: KW_ONLY
+    out: str
+    """Folder to write (model.onnx, tokenizer.json, ...)."""
+    int8: bool = field(default=False, metadata=argparse_only(action=ActionYesNo))
+    """Store weights as int8 (onnxruntime's dynamic quantization): about a quarter of the size."""
+    force: bool = field(default=False, metadata=argparse_only(action=ActionYesNo))
+    """Replace an earlier export at --out."""
+
+    def validate(self) -> "ExportONNXOptions":
         return self
 
 

@@ -17,7 +17,7 @@ LAYERS = {
     "gptforge.data": 2,
     "gptforge.checkpoint": 3, "gptforge.trainer_state": 3,
     "gptforge.engine": 4, "gptforge.textgen": 4, "gptforge.interop": 4, "gptforge.eval": 4, "gptforge.client": 4,
-    "gptforge.classify": 4,
+    "gptforge.classify": 4, "gptforge.export": 4,
     "gptforge.train": 5,
     "gptforge.serve": 6, "gptforge.apps": 6, "gptforge.cli": 6, "gptforge.cli_errors": 6, "gptforge.__main__": 7,
 }

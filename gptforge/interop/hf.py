@@ -267,12 +267,19 @@ def export_hf(checkpoint: Path, out: Path) -> Path:
     atomically: a failed export leaves any earlier folder as it was."""
     out = Path(out)
     refuse_to_replace(out, (CONFIG,), "a Hugging Face model folder")
-    model, tokenizer, meta = load_model(Path(checkpoint))
-    if meta.get("lora"):
-        merge_lora(model)  # transformers knows no adapters: export the weights they amount to
-    if meta.get("classifier"):
-        raise UserError(f"{checkpoint} is a classifier; export-hf writes language models only")
+    model, tokenizer = load_language_model(Path(checkpoint), "export-hf")
     return write_hf_folder(out, model, tokenizer)
+
+
+def load_language_model(checkpoint: Path, command: str) -> tuple[GPT, Tokenizer]:
+    """A checkpoint as the plain language model every export format describes: LoRA adapters folded into
+    the weights (no runtime outside gptforge knows them), classifiers refused (`command` names the caller)."""
+    model, tokenizer, meta = load_model(Path(checkpoint))
+    if meta.get("classifier"):
+        raise UserError(f"{checkpoint} is a classifier; {command} writes language models only")
+    if meta.get("lora"):
+        merge_lora(model)  # export the weights the adapters amount to
+    return model, tokenizer
 
 
 def write_hf_folder(out: Path, model: GPT, tokenizer: Tokenizer) -> Path:

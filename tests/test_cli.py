@@ -173,7 +173,8 @@ def test_out_of_memory_suggests_smaller_micro_batch(tmp_path, capsys, monkeypatc
       "see: gptforge finetune --help"]),
     (["trian"], ["gptforge: error: argument command: invalid choice: 'trian' (choose from 'prepare', 'train', "
                  "'generate', 'quickstart', 'finetune', 'merge-lora', 'classify', 'chat', 'judge', 'synth', "
-                 "'import-gpt2', 'export-hf', 'eval', 'serve')", "did you mean train?", "see: gptforge --help"]),
+                 "'import-gpt2', 'export-hf', 'export-gguf', 'export-onnx', 'eval', 'serve')", "did you mean train?",
+                 "see: gptforge --help"]),
     (["generate"], ["gptforge: error: the following arguments are required: generate.checkpoint",
                     "see: gptforge generate --help"]),
 ])

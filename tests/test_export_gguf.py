@@ -22,10 +22,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gptforge.chat import ChatSession
+from gptforge.apps.chat import ChatSession
 from gptforge.checkpoint import load_model, save_checkpoint
 from gptforge.cli import main
-from gptforge.config import FinetuneConfig, ModelConfig, SampleConfig, TrainConfig
+from gptforge.config import FinetuneConfig, LoRAConfig, ModelConfig, SampleConfig, TrainConfig
 from gptforge.engine import Engine, SamplingParams
 from gptforge.export.gguf import export_gguf
 from gptforge.model import GPT, GPTClassifier
@@ -227,7 +227,7 @@ def test_q8_0_perplexity_within_one_percent_of_f32(trained, llama):
 
 def test_lora_checkpoint_is_folded_into_the_weights(tiny_bpe_run, tmp_path, llama):
     run_finetune("text", str(tiny_bpe_run), FinetuneConfig(data=str(FIXTURES / "wikitext2_valid_head.txt"),
-                                                             epochs=0, lora_rank=4),
+                                                             epochs=0, lora=LoRAConfig(rank=4)),
                  TrainConfig(run_dir=str(tmp_path / "lora"), device="cpu", progress=False, plot=False, max_steps=20,
                              micro_batch_size=8, lr=1e-2, warmup_steps=2, eval_every=0, eval_batches=1),
                  SampleConfig())

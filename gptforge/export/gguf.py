@@ -26,6 +26,7 @@ from gptforge.export.shared import chat_template, check_output_file, require, wr
 from gptforge.interop.hf import CONV1D, LAYER_NORM_EPS, hf_state_from_model, load_language_model
 from gptforge.interop.hf_tokenizer import byte_level_text, hf_tokenizer
 from gptforge.model import GPT
+from gptforge.options import ExportGGUFOptions
 from gptforge.prompts import END_OF_TURN
 from gptforge.tokenizer import Tokenizer
 
@@ -42,6 +43,13 @@ class Vocab:
     tokens: list[str]  # byte-level strings, special tokens by name, in id order
     special: list[bool]  # control tokens
     merges: list[str]  # "left right", by rank
+
+
+def export_gguf_command(options: ExportGGUFOptions) -> None:
+    """`gptforge export-gguf`."""
+    out = export_gguf(Path(options.checkpoint), Path(options.out), weight_type=options.type, force=options.force)
+    print(f"exported {options.checkpoint} -> {out} ({options.type}, {out.stat().st_size / 1e6:.1f} MB; run it with "
+          "llama.cpp)")
 
 
 def export_gguf(checkpoint: Path, out: Path, weight_type: str = "f32", force: bool = False) -> Path:

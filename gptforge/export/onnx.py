@@ -36,6 +36,7 @@ from gptforge.export.shared import chat_template, check_output_dir, disk_errors,
 from gptforge.interop.hf import load_language_model
 from gptforge.interop.hf_tokenizer import HF_TOKENIZER_CONFIG, save_hf_tokenizer
 from gptforge.model import GPT
+from gptforge.options import ExportONNXOptions
 from gptforge.tokenizer import Tokenizer
 
 MODEL, CONFIG = "model.onnx", "genai_config.json"
@@ -43,6 +44,13 @@ OPSET = 20
 PAST_KEY, PAST_VALUE = "past_key_values.%d.key", "past_key_values.%d.value"
 PRESENT_KEY, PRESENT_VALUE = "present.%d.key", "present.%d.value"
 INLINE_WEIGHT_BYTES = 2 * 1024**3 - 64 * 1024**2  # a protobuf file holds at most 2 GiB, graph included
+
+
+def export_onnx_command(options: ExportONNXOptions) -> None:
+    """`gptforge export-onnx`."""
+    out = export_onnx(Path(options.checkpoint), Path(options.out), int8=options.int8, force=options.force)
+    print(f"exported {options.checkpoint} -> {out} (model.onnx {(out / 'model.onnx').stat().st_size / 1e6:.1f} MB"
+          f"{', int8' if options.int8 else ''}; run it with onnxruntime)")
 
 
 def export_onnx(checkpoint: Path, out: Path, int8: bool = False, force: bool = False) -> Path:

@@ -32,6 +32,7 @@ from gptforge.files import contained_name, read_json, regular_file
 from gptforge.lora import merge_lora
 from gptforge.model import GPT
 from gptforge.interop.hf_tokenizer import save_hf_tokenizer
+from gptforge.options import ExportOptions
 from gptforge.tokenizer import Tokenizer
 
 CONFIG, SAFETENSORS, SAFETENSORS_INDEX, PT_BIN, PT_BIN_INDEX = (
@@ -252,6 +253,12 @@ def _load_torch_bin(path: Path, folder: Path) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"{path} is not a state dict of tensors; it is not a Hugging Face weights file")
     return state
+
+
+def export_command(options: ExportOptions) -> None:
+    """`gptforge export-hf`."""
+    out = export_hf(Path(options.checkpoint), Path(options.out))
+    print(f"exported {options.checkpoint} -> {out} (load with transformers' AutoModelForCausalLM.from_pretrained)")
 
 
 def export_hf(checkpoint: Path, out: Path) -> Path:

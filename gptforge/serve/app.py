@@ -38,7 +38,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gptforge.common import UserError
-from gptforge.serve import ServeConfig
+from gptforge.serve import ServeConfig, ServeOptions
 from gptforge.serve.guard import Guard, allowed_hosts, api_key, is_loopback
 from gptforge.serve.http import Limits, QuietRepeats, RateLimit, connection_room, protocol_class, quiet_accept_errors
 from gptforge.serve.replies import APIError, ChatReply, CompletionReply, Reply, TokenText, error_body, new_id
@@ -339,13 +339,13 @@ def _add_error_handlers(app: FastAPI) -> None:
 
 
 # --- running it ------------------------------------------------------------------------------------------
-def serve(checkpoint: str, config: ServeConfig) -> None:
-    """Load a checkpoint (or a run's best/latest) and serve it until interrupted."""
+def serve(config: ServeOptions) -> None:
+    """Load a checkpoint (or a run's best/latest) and serve it until interrupted (`gptforge serve`)."""
     import torch
     import uvicorn
 
     from gptforge.checkpoint import load_model, resolve_checkpoint
-    from gptforge.common import human_count, pick_device, pick_dtype
+    from gptforge.common import human_count, inference_runtime
     from gptforge.engine import Engine
     from gptforge.model import count_parameters
 
@@ -357,16 +357,15 @@ def serve(checkpoint: str, config: ServeConfig) -> None:
     limits = Limits(config.header_timeout, config.body_timeout, config.write_timeout, max_connections)
     if config.threads:
         torch.set_num_threads(config.threads)
-    path = resolve_checkpoint(Path(checkpoint))
-    device = pick_device(config.device)
-    dtype = pick_dtype(config.dtype, device)
-    model, tokenizer, _ = load_model(path, device)
-    engine = Engine(model, device=device, dtype=dtype)
+    path = resolve_checkpoint(Path(config.checkpoint))
+    runtime = inference_runtime(config.device, config.dtype)
+    model, tokenizer, _ = load_model(path, runtime.device)
+    engine = Engine(model, runtime)
     info = ServerInfo(
         model=config.model_name or default_model_name(path), checkpoint=str(path),
         parameters=count_parameters(model), context_length=model.config.block_size,
-        vocab_size=model.config.vocab_size, tokenizer=tokenizer.describe(), device=str(device),
-        dtype=str(dtype).removeprefix("torch."), chat=bool(getattr(tokenizer, "has_chat_template", False)))
+        vocab_size=model.config.vocab_size, tokenizer=tokenizer.describe(), device=str(runtime.device),
+        dtype=str(runtime.dtype).removeprefix("torch."), chat=bool(getattr(tokenizer, "has_chat_template", False)))
     rate = RateLimit()
     _log_like_uvicorn(config.log_level, rate)
     app = create_app(GenerationWorker(engine, tokenizer, config.max_batch_size), info, config, rate)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+from pathlib import Path
 from typing import Iterator, Optional, TextIO
 
 import torch
@@ -24,8 +25,10 @@ import torch
 from gptforge.common import UserError
 from gptforge.config import SampleConfig
 from gptforge.engine import Engine
+from gptforge.options import ChatOptions
 from gptforge.prompts import history_start, reply_room
-from gptforge.textgen import stream_text
+from gptforge.terminal import input_lines
+from gptforge.textgen import Where, stream_text
 from gptforge.tokenizer import Tokenizer
 
 NO_TEMPLATE = ("this checkpoint has no chat template; fine-tune it with `gptforge finetune chat` first "
@@ -74,11 +77,11 @@ def system_ids(tokenizer: Tokenizer, system: Optional[str], budget: int) -> list
 class ChatSession:
     """A conversation with a chat model: `reply(text)` streams the answer and remembers both turns."""
 
-    def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer, sample: SampleConfig, device=None,
-                 system: Optional[str] = None, dtype: torch.dtype = torch.float32):
+    def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer, sample: SampleConfig, runtime: Where = None,
+                 system: Optional[str] = None):
         if not tokenizer.has_chat_template:
             raise UserError(NO_TEMPLATE)
-        self.engine = Engine(model, device=device, dtype=dtype)
+        self.engine = Engine(model, runtime)
         self.tokenizer = tokenizer
         self.sample = dataclasses.replace(sample, num_samples=1)  # one reply per turn
         self.system = system or None
@@ -129,6 +132,17 @@ HELP = "/reset clears the conversation, /exit (or Ctrl-D) quits"
 BOLD, DIM, RESET = "\033[1m", "\033[2m", "\033[0m"
 
 
+def chat_command(options: ChatOptions) -> None:
+    """`gptforge chat`: a session on the checkpoint, over this process's standard streams."""
+    from gptforge.checkpoint import load_model
+
+    runtime = options.runtime()
+    model, tokenizer, meta = load_model(Path(options.checkpoint), runtime.device)
+    if meta.get("classifier") or not tokenizer.has_chat_template:
+        raise UserError(f"{options.checkpoint}: {NO_TEMPLATE}")
+    run_chat(ChatSession(model, tokenizer, options.sample, runtime, system=options.system))
+
+
 def run_chat(session: ChatSession, stdin: Optional[TextIO] = None, stdout: Optional[TextIO] = None,
              stderr: Optional[TextIO] = None, interactive: Optional[bool] = None) -> int:
     """Read user messages line by line until /exit or end of input; stream each reply. Returns the number
@@ -170,23 +184,6 @@ def run_chat(session: ChatSession, stdin: Optional[TextIO] = None, stdout: Optio
         replies += 1
         _note_truncation(session.last_fit, stderr, interactive)
     return replies
-
-
-def input_lines(stdin: TextIO, prompt: Optional[str] = None) -> Iterator[str]:
-    """Lines until the end of input. With a prompt (a person at the terminal), lines are read through
-    input() so they can be edited, and Ctrl-D or Ctrl-C at the prompt end the session quietly."""
-    while True:
-        if prompt is not None and stdin is sys.stdin:
-            try:
-                line = input(prompt)
-            except (EOFError, KeyboardInterrupt):
-                print()
-                return
-        else:
-            line = stdin.readline()
-            if not line:
-                return
-        yield line
 
 
 def _note_truncation(fit: Optional[PromptFit], stderr: TextIO, interactive: bool) -> None:

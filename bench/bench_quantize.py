@@ -5,7 +5,9 @@ gptforge float32 (plain and packed), bf16 and int8 (`gptforge.quantize`).
 
 The issue's bar for int8: perplexity within 1% of float32 and identical greedy continuations (64 tokens) for
 at least 9 of 10 prompts. --data takes a text file (scored whole) or a folder made by `gptforge prepare`
-(scored on --split, e.g. the validation tokens the model did not train on). Prints a markdown table.
+(scored on --split, e.g. the validation tokens the model did not train on). With llama-cpp-python installed,
+llama.cpp's greedy tokens on F32 and Q8_0 exports of the same checkpoint are compared too (how much another
+engine's rounding alone moves them). Prints a markdown table.
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
+import importlib.util
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -61,13 +65,45 @@ def main() -> None:
               f"greedy {args.new_tokens} tokens identical to the first row for {same}/{len(prompts)} prompts",
               flush=True)
 
+    if importlib.util.find_spec("llama_cpp") is not None:
+        for weights, tokens in llama_cpp_tokens(Path(args.checkpoint), prompts, args.new_tokens):
+            same = sum(a == b for a, b in zip(tokens, reference[1]))
+            rows.append((f"llama.cpp {weights}", None, None, same))
+            print(f"llama.cpp {weights}: greedy identical to the first row for {same}/{len(prompts)} prompts", flush=True)
+
     print(f"\n{datetime.date.today()}, {benchutil.cpu_model()}; checkpoint {args.checkpoint}; {native.status()}")
     print(f"`{benchutil.command_line()}`\n")
     print("| weights | perplexity | vs first row | greedy identical (of 10) | scoring time |")
     print("|---|---|---|---|---|")
     for weights, score, seconds, same in rows:
+        if score is None:  # llama.cpp: greedy tokens only
+            print(f"| {weights} | - | - | {same} | - |")
+            continue
         print(f"| {weights} | {score['perplexity']:.4f} | {score['perplexity'] / reference[0] - 1:+.2%} | "
               f"{same} | {seconds:.1f} s |")
+
+
+def llama_cpp_tokens(checkpoint: Path, prompts: list[list[int]], n: int):
+    """(GGUF type, greedy continuations) from llama.cpp on the same weights (F32 and Q8_0 exports): how far
+    another engine's rounding alone moves greedy tokens on this model."""
+    import llama_cpp
+
+    from gptforge.checkpoint import resolve_checkpoint
+    from gptforge.export import export_gguf
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for weight_type in ("f32", "q8_0"):
+            path = export_gguf(resolve_checkpoint(checkpoint), Path(tmp) / f"{weight_type}.gguf", weight_type=weight_type)
+            llm = llama_cpp.Llama(str(path), n_ctx=max(map(len, prompts)) + n + 8, n_threads=1, verbose=False)
+            out = []
+            for ids in prompts:
+                tokens = []
+                for token in llm.generate(ids, temp=0.0, reset=True):
+                    tokens.append(token)
+                    if len(tokens) == n:
+                        break
+                out.append(tokens)
+            yield weight_type.upper(), out
 
 
 if __name__ == "__main__":

@@ -201,6 +201,9 @@ class TrainConfig:
     """cpu, cuda, cuda:N, mps, or auto (CUDA, then MPS, then CPU)."""
     dtype: str = "auto"
     """float32, bfloat16, float16 (autocast + GradScaler), or auto (bf16 on capable GPUs, else fp32)."""
+    strategy: str = "auto"
+    """How several processes (torchrun) share the work: ddp (each holds the whole model), or auto (ddp under
+    torchrun with several processes, else single: one process)."""
     compile: bool = False
     """Compile the model with torch.compile."""
     activation_checkpointing: bool = False

@@ -20,7 +20,7 @@ import torch
 from gptforge.checkpoint import (MODEL_CONFIG, base_fingerprint, load_model, refuse_to_replace, resolve_checkpoint,
                                  run_checkpoint)
 from gptforge.common import Runtime, UserError, atomic_write_text, seed_everything, setup_runtime, teardown_runtime
-from gptforge.config import FINETUNE_MODES, FinetuneConfig, RunConfig, SampleConfig, TrainConfig
+from gptforge.config import FINETUNE_MODES, FinetuneConfig, SampleConfig, TrainConfig
 from gptforge.lora import LoRAConfig, apply_lora, count_trainable, has_lora
 from gptforge.model import GPT
 from gptforge.textgen import generate_text
@@ -110,7 +110,6 @@ def _finetune_once(mode_name: str, base: str, ft: FinetuneConfig, tc: TrainConfi
     tc = dataclasses.replace(tc, max_steps=max_steps, eval_every=eval_every, checkpoint_every=eval_every,
                              keep_checkpoints=not trial, tokens_per_step=None, eval_tasks=[],
                              sample_every=0 if trial else (tc.sample_every or eval_every))
-    cfg = RunConfig(model=model.config, train=tc, sample=sample)
     checkpoint_meta = {FINETUNE_META: {"mode": mode_name, "base": str(base_path), "data": str(ft.data)},
                        **mode.checkpoint_meta()}
     if lora is not None:
@@ -132,8 +131,8 @@ def _finetune_once(mode_name: str, base: str, ft: FinetuneConfig, tc: TrainConfi
     val = sources["val"]
     prompt = mode.sample_prompt(tokenizer, splits)
     result = train_loop(
-        model, tokenizer, sources["train"], (lambda: val.iter_epoch()) if val is not None else None, cfg, runtime,
-        run_dir, resume_from=resume_from,
+        model, tokenizer, sources["train"], (lambda: val.iter_epoch()) if val is not None else None, tc, block,
+        runtime, run_dir, resume_from=resume_from,
         sample_fn=_sampler(tokenizer, prompt, sample, tc, runtime) if prompt is not None and tc.sample_every else None,
         task_fn=(lambda m: mode.metrics(m, eval_sources, runtime)) if runtime.is_main and _has_metrics(mode) else None,
         checkpoint_meta=checkpoint_meta)

@@ -143,8 +143,8 @@ def run_training(cfg: RunConfig, runtime: Optional[Runtime] = None) -> LoopResul
 
         if not has_val:
             runtime.print("no validation split large enough for one window: training without validation")
-        return train_loop(model, tokenizer, train_batches, val_batches if has_val else None, cfg, runtime,
-                          run_dir, resume_from=resume_from,
+        return train_loop(model, tokenizer, train_batches, val_batches if has_val else None, tc,
+                          model_cfg.block_size, runtime, run_dir, resume_from=resume_from,
                           sample_fn=make_sample_fn(cfg, tokenizer, runtime) if tc.sample_every else None,
                           task_fn=make_task_fn(cfg, tokenizer, runtime) if tc.eval_tasks and runtime.is_main else None)
     finally:

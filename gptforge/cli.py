@@ -94,6 +94,9 @@ def build_parser() -> ArgumentParser:
     ft.add_class_arguments(SampleConfig, "sample")
     sub.add_subcommand("finetune", ft, help="Fine-tune: text, classify, instruct, chat; LoRA for any.")
 
+    con = ArgumentParser(description="Write a sharded (FSDP) checkpoint's weights as one file, in place.")
+    con.add_argument("checkpoint", type=str, help="Sharded checkpoint, or a run directory (uses its latest).")
+    sub.add_subcommand("consolidate", con, help="Make a sharded (FSDP) checkpoint readable by every command.")
     mrg = ArgumentParser(description="Fold a LoRA checkpoint's adapters into full weights (a plain checkpoint).")
     mrg.add_argument("checkpoint", type=str, help="LoRA checkpoint or run directory (uses best, else latest).")
     mrg.add_argument("--out", type=str, required=True, help="Checkpoint directory to write.")
@@ -318,6 +321,11 @@ def cmd_merge_lora(ns) -> None:
     print(f"merged {ns.checkpoint} -> {out}")
 
 
+def cmd_consolidate(ns) -> None:
+    from gptforge.train.sharded import consolidate
+    print(f"consolidated {consolidate(Path(ns.checkpoint))}")
+
+
 def cmd_classify(ns) -> None:
     import json
 
@@ -458,7 +466,7 @@ def cmd_serve(ns) -> None:
 
 
 COMMANDS = {"prepare": cmd_prepare, "train": cmd_train, "generate": cmd_generate, "quickstart": cmd_quickstart,
-            "finetune": cmd_finetune, "merge-lora": cmd_merge_lora,
+            "finetune": cmd_finetune, "merge-lora": cmd_merge_lora, "consolidate": cmd_consolidate,
             "classify": cmd_classify, "chat": cmd_chat, "judge": cmd_judge, "synth": cmd_synth,
             "import-gpt2": cmd_import_gpt2, "export-hf": cmd_export_hf, "eval": cmd_eval, "serve": cmd_serve}
 

@@ -66,6 +66,13 @@ def test_model_is_pure_math():
         assert word not in source
 
 
+def test_distributed_code_lives_in_train():
+    """Process groups are set up in common.py; everything else distributed (DDP, FSDP, sharded checkpoints)
+    is applied from outside the model, in gptforge/train/."""
+    found = {str(p.relative_to(PKG)) for p in PKG.rglob("*.py") if "torch.distributed" in p.read_text()}
+    assert {f for f in found if not f.startswith("train/")} <= {"common.py"}, found
+
+
 def test_import_gptforge_is_light():
     code = ("import sys, gptforge, gptforge.config, gptforge.cli; "
             "print(','.join(m for m in ('torch','matplotlib','datasets','transformers','tiktoken') if m in sys.modules))")

@@ -24,9 +24,10 @@ from gptforge.config import FINETUNE_MODES, FinetuneConfig, SampleConfig, TrainC
 from gptforge.lora import LoRAConfig, apply_lora, count_trainable, has_lora
 from gptforge.model import GPT
 from gptforge.textgen import generate_text
-from gptforge.train.loop import LoopResult, train_loop
+from gptforge.train.loop import LoopResult, resumed_accumulation, train_loop
 from gptforge.train.metrics import plot_losses
 from gptforge.train.modes import MODES, Mode
+from gptforge.train.sharded import load_for_training
 
 FINETUNE_META = "finetune"
 
@@ -51,6 +52,8 @@ def run_finetune(mode: str, base: str, ft: FinetuneConfig, tc: TrainConfig,
     sample = sample or SampleConfig()
     for options in (ft, tc, sample):
         options.validate()
+    if tc.micro_batch_size == "auto":  # sized by trial steps of pretraining's fixed-length windows
+        raise UserError("--train.micro_batch_size auto is for `gptforge train`; give fine-tuning a number")
     own_runtime = runtime is None
     runtime = runtime or setup_runtime(tc.device, tc.dtype)
     try:
@@ -79,7 +82,7 @@ def _finetune_once(mode_name: str, base: str, ft: FinetuneConfig, tc: TrainConfi
     seed_everything(tc.seed + runtime.rank)
 
     # The model and tokenizer: the base's, or the run's own when resuming (tokens, head, adapters included).
-    model, tokenizer, meta = load_model(resume_from or base_path, runtime.device)
+    model, tokenizer, meta = load_for_training(resume_from or base_path, runtime.device)
     labels = (meta.get("classifier") or {}).get("labels") if resume_from else None
     mode: Mode = MODES[mode_name](ft, labels) if mode_name == "classify" else MODES[mode_name](ft)
     if resume_from is not None:
@@ -104,6 +107,8 @@ def _finetune_once(mode_name: str, base: str, ft: FinetuneConfig, tc: TrainConfi
     trainable, total = count_trainable(model)
 
     steps_per_epoch = sources["train"].steps_per_epoch
+    if resume_from is not None:  # resumed on another number of processes, the run keeps its global batch
+        steps_per_epoch = math.ceil(steps_per_epoch / resumed_accumulation(resume_from, tc, block, runtime.world_size))
     eval_every = max(1, steps_per_epoch // max(1, ft.evals_per_epoch))
     max_steps = math.ceil(ft.epochs * steps_per_epoch) if ft.epochs > 0 else tc.max_steps
     # samples at every evaluation unless --train.sample_every says otherwise

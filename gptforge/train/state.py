@@ -15,7 +15,8 @@ from typing import Optional
 
 import torch
 
-from gptforge.common import Runtime
+from gptforge.common import Runtime, UserError
+from gptforge.config import TrainConfig
 
 
 @dataclass
@@ -40,6 +41,31 @@ class TrainState:
         return cls(step=saved["step"], tokens=saved.get("tokens", saved["step"] * tokens_per_step),
                    best_val_loss=saved["best_val_loss"], evals_since_best=saved["evals_since_best"],
                    elapsed_s=saved["elapsed_s"])
+
+
+def keep_global_batch(tc: TrainConfig, saved: dict, block_size: int, world_size: int) -> TrainConfig:
+    """A resumed run keeps the global batch it was saved with (tokens per optimizer step), on any number of
+    processes: gradient accumulation makes up the difference. A different one is refused, in one line saying
+    both, unless --train.allow_batch_change."""
+    was = saved.get("tokens_per_step")
+    per_micro = tc.micro_batch_size * block_size * world_size
+    asked = tc.tokens_per_step or per_micro
+    if was is None or (tc.allow_batch_change and tc.tokens_per_step is not None):
+        return tc
+    if tc.tokens_per_step is not None and asked != was and not tc.allow_batch_change:
+        raise UserError(f"the run was saved training {was:,} tokens per step (on {saved.get('world_size', 1)} "
+                        f"processes); this command asks for train.tokens_per_step {asked:,}: resume with "
+                        f"--train.tokens_per_step {was}, or change it on purpose with --train.allow_batch_change true")
+    if was % per_micro:
+        if tc.allow_batch_change:
+            return tc
+        fits = [m for m in range(1, tc.micro_batch_size + 1) if was % (m * block_size * world_size) == 0]
+        hint = f"--train.micro_batch_size {fits[-1]}" if fits else "another number of processes"
+        raise UserError(f"the run was saved training {was:,} tokens per step, which is not a whole number of "
+                        f"micro-batches of micro_batch_size {tc.micro_batch_size} x block_size {block_size} x "
+                        f"{world_size} processes = {per_micro:,} tokens; use {hint} (or change the global batch "
+                        "with --train.allow_batch_change true)")
+    return dataclasses.replace(tc, tokens_per_step=was)
 
 
 def trainer_state_dict(state: TrainState, runtime: Runtime, train_batches, scaler, tokens_per_step: int,

@@ -13,7 +13,8 @@ and gains model.safetensors when it is consolidated (`gptforge consolidate`; the
 Fine-tuned checkpoints say what they hold in meta.json: "classifier": {"labels": [...]} adds a
 classification head (GPTClassifier); "lora": {config} + "base": PATH marks an adapter-only checkpoint, whose
 model.safetensors holds only the trained tensors (adapters, a head) and whose frozen weights are read from
-the base checkpoint (grown to this vocabulary, deterministically, if tokens were added).
+the base checkpoint (grown to this vocabulary, deterministically, if tokens were added);
+`merge_lora_checkpoint` folds the adapters in and writes a plain checkpoint.
 A run directory holds config.yaml, metrics.jsonl, loss.png and checkpoints/{latest,best,step_N}/.
 """
 
@@ -32,11 +33,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from gptforge import __version__
+from gptforge.checks import checked, from_dict
 from gptforge.common import UserError, check_replaceable, recover_interrupted_swap, write_dir_atomically
-from gptforge.config import ModelConfig, checked, from_dict
+from gptforge.config import ModelConfig
 from gptforge.files import read_json, regular_file, safetensors_header
-from gptforge.lora import LoRAConfig, apply_lora, has_lora
+from gptforge.lora import LoRAConfig, apply_lora, has_lora, merge_lora
 from gptforge.model import GPT, GPTClassifier
+from gptforge.options import MergeLoraOptions
 from gptforge.tokenizer import Tokenizer, load_tokenizer
 from gptforge.trainer_state import (check_trainer_state, flatten_optimizer_state, restore_optimizer,  # noqa: F401
                                     unflatten_optimizer_state)
@@ -46,6 +49,7 @@ WEIGHTS, MODEL_CONFIG, META, TOKENIZER_DIR, TRAINER_DIR = (
     "model.safetensors", "model_config.json", "meta.json", "tokenizer", "trainer")
 CHECKPOINTS = "checkpoints"
 SHARDS = "shards"  # a sharded checkpoint's tensors (see gptforge/train/sharded.py)
+FINETUNE_META = "finetune"  # meta.json key of a fine-tuned checkpoint: {mode, base, data}
 
 
 # --- weights --------------------------------------------------------------------------------------
@@ -400,3 +404,23 @@ def resolve_checkpoint(path: Path) -> Path:
             return found
     raise UserError(f"{path} is neither a checkpoint (no {MODEL_CONFIG}) nor a run directory with "
                     f"{CHECKPOINTS}/best or {CHECKPOINTS}/latest")
+
+
+# --- merging adapters ---------------------------------------------------------------------------------
+def merge_lora_checkpoint(path: Path, out: Path) -> Path:
+    """A LoRA checkpoint -> a plain checkpoint with the adapters folded into the weights."""
+    refuse_to_replace(Path(out), (MODEL_CONFIG,), "a gptforge checkpoint")
+    model, tokenizer, meta = load_model(path, "cpu")
+    if not meta.get("lora"):
+        raise UserError(f"{path} has no LoRA adapters to merge; it is already a full checkpoint")
+    merge_lora(model)
+    kept = {k: v for k, v in meta.items() if k in (FINETUNE_META, "classifier")}
+    save_checkpoint(Path(out), model, tokenizer, step=meta.get("step", 0), val_loss=meta.get("val_loss"),
+                    extra_meta={**kept, "merged_from": str(Path(path).resolve())})
+    return Path(out)
+
+
+def merge_lora_command(options: MergeLoraOptions) -> None:
+    """`gptforge merge-lora`."""
+    out = merge_lora_checkpoint(Path(options.checkpoint), Path(options.out))
+    print(f"merged {options.checkpoint} -> {out}")

@@ -39,6 +39,14 @@ class UserError(Exception):
     """A problem with the user's input: printed as one line by the CLI, with a non-zero exit."""
 
 
+def read_user_text(path: "str | Path", what: str = "") -> str:
+    """A UTF-8 text file the user named (a prompt, a list of texts), or a UserError naming it."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read {what + ' ' if what else ''}{path}: {e}") from None
+
+
 def cache_dir() -> Path:
     """Where downloaded corpora and files are cached (GPTFORGE_CACHE overrides)."""
     root = os.environ.get("GPTFORGE_CACHE") or os.path.join(
@@ -259,9 +267,9 @@ def pick_device(requested: str = "auto") -> "torch.device":
     except RuntimeError:
         raise UserError(f"unknown device '{requested}'; use cpu, cuda, cuda:N, mps or auto") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device '{requested}' requested but CUDA is not available; use --train.device cpu")
+        raise UserError(f"device '{requested}' requested but CUDA is not available here; use device cpu or auto")
     if device.type == "mps" and not torch.backends.mps.is_available():
-        raise UserError(f"device '{requested}' requested but MPS is not available; use --train.device cpu")
+        raise UserError(f"device '{requested}' requested but MPS is not available here; use device cpu or auto")
     return device
 
 
@@ -283,7 +291,8 @@ def pick_dtype(requested: str, device: "torch.device") -> "torch.dtype":
 
 
 def setup_runtime(device: str = "auto", dtype: str = "auto") -> Runtime:
-    """Decide device, autocast dtype and distributed rank; initialise the process group under torchrun."""
+    """Training's runtime: device, autocast dtype and distributed rank; initialises the process group under
+    torchrun. Inference commands use `inference_runtime`."""
     import torch
 
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -298,13 +307,37 @@ def setup_runtime(device: str = "auto", dtype: str = "auto") -> Runtime:
             torch.cuda.set_device(dev)
         if not dist.is_initialized():
             dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
-    if dev.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    _allow_tf32(dev)
     if rank != 0:
         _quiet_rank()
     return Runtime(device=dev, dtype=pick_dtype(dtype, dev), rank=rank, local_rank=local_rank,
                    world_size=world_size)
+
+
+def inference_runtime(device: str = "auto", dtype: str = "auto") -> Runtime:
+    """The runtime of every inference command (generate, chat, classify, eval, serve) and the library
+    functions behind them: one process on one device, never a process group (even under torchrun)."""
+    dev = pick_device(device)
+    _allow_tf32(dev)
+    return Runtime(device=dev, dtype=pick_dtype(dtype, dev))
+
+
+def as_runtime(where: "Runtime | torch.device | str | None") -> "Runtime | None":
+    """The Python API's `runtime` arguments: a Runtime as it is; a bare device (the older, shorter form) as
+    that device without autocast; None stays None (the callee's default, usually the model's device)."""
+    import torch
+
+    if where is None or isinstance(where, Runtime):
+        return where
+    return Runtime(device=torch.device(where), dtype=torch.float32)
+
+
+def _allow_tf32(device: "torch.device") -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
 
 
 def _quiet_rank() -> None:

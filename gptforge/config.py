@@ -8,52 +8,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import yaml
 
+from gptforge.checks import check_ranges
 from gptforge.common import UserError
 
 SEED_MAX = 2**64 - 1  # torch.manual_seed takes any unsigned 64-bit seed
-
-
-def check_ranges(cfg: Any, prefix: str, ranges: dict[str, str]) -> None:
-    """Refuse, in one line naming the field (prefix + name: "train.lr", "--timeout"), the first value
-    outside its range.
-
-    ranges maps a field to an interval such as "[0, 1)" or "(0, inf)"; None (an unset Optional) passes,
-    a list is checked item by item, and nan never passes. An "inf)" bound refuses infinity itself."""
-    for name, interval in ranges.items():
-        value = getattr(cfg, name)
-        for item in value if isinstance(value, list) else [value]:
-            if item is not None and not _inside(item, interval):
-                finite = "a finite number " if isinstance(item, float) and not math.isfinite(item) else ""
-                raise UserError(f"{prefix}{name} must be {finite}{_describe_interval(interval)}, got {item!r}")
-
-
-def _bounds(interval: str) -> tuple[float, float]:
-    # ints stay ints, so a seed bound such as 2**64 - 1 is compared exactly
-    return tuple(int(b) if b.lstrip("-").isdigit() else float(b)
-                 for b in (part.strip(" [()]") for part in interval.split(",")))
-
-
-def _inside(value: Any, interval: str) -> bool:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return False
-    lo, hi = _bounds(interval)
-    above = value > lo if interval[0] == "(" else value >= lo
-    below = value < hi if interval[-1] == ")" else value <= hi
-    return above and below
-
-
-def _describe_interval(interval: str) -> str:
-    lo, hi = _bounds(interval)
-    if hi == math.inf:
-        return f"{'>' if interval[0] == '(' else '>='} {lo}"
-    return f"in {interval}"
 
 
 @dataclass
@@ -61,8 +25,8 @@ class ModelConfig:
     """GPT-2 architecture hyper-parameters."""
 
     preset: Optional[str] = None
-    """Start from a named preset (gpt2, gpt2-medium, gpt2-large, gpt2-xl, baby, tiny); fields set
-    explicitly override it."""
+    """Start from a named preset (gpt2, gpt2-medium, gpt2-large, gpt2-xl, baby, small-cpu, tiny; PRESETS below);
+    fields set explicitly override it."""
     n_layer: int = 12
     """Number of transformer blocks."""
     n_head: int = 12
@@ -295,7 +259,45 @@ class TrainConfig:
         return self
 
 
-FINETUNE_MODES = ("text", "classify", "instruct", "chat")
+# LoRA target name -> module paths inside a Block (matched as the last two parts of a module's name)
+LORA_TARGETS: dict[str, tuple[str, ...]] = {
+    "attn": ("attn.c_attn", "attn.c_proj"),
+    "qkv": ("attn.c_attn",),
+    "mlp": ("mlp.c_fc", "mlp.c_proj"),
+}
+
+
+@dataclass
+class LoRAConfig:
+    """Low-rank adapters (LoRA): which Linear layers get them and how big they are."""
+
+    rank: int = 8
+    """Rank r of each adapter (trainable parameters per layer: r * (in + out)). In `gptforge finetune`, 0
+    (its default there) means no adapters: every weight trains."""
+    alpha: float = 16.0
+    """Scale numerator: the update is multiplied by alpha / rank, so changing rank keeps its size."""
+    dropout: float = 0.0
+    """Dropout on the adapter's input (the base path is unaffected)."""
+    targets: list[str] = field(default_factory=lambda: ["attn", "mlp"])
+    """Layers to adapt in every block: attn (c_attn + attn.c_proj), qkv (c_attn only), mlp (c_fc +
+    mlp.c_proj). All of attn and mlp is the default: adapting every linear layer closes most of the gap
+    to full fine-tuning (QLoRA, Dettmers et al. 2023)."""
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def validate(self) -> "LoRAConfig":
+        if isinstance(self.targets, str):  # "attn,mlp" as typed on a command line
+            self.targets = [t.strip() for t in self.targets.split(",") if t.strip()]
+        if not isinstance(self.rank, int):
+            raise UserError(f"lora rank must be a positive integer, got {self.rank!r}")
+        check_ranges(self, "lora.", {"rank": "[1, inf)", "alpha": "(0, inf)", "dropout": "[0, 1)"})
+        unknown = [t for t in self.targets if t not in LORA_TARGETS]
+        if unknown or not self.targets:
+            what = f"unknown lora target(s) {unknown}" if unknown else "no lora targets given"
+            raise UserError(f"{what}; choose from {', '.join(LORA_TARGETS)}")
+        return self
 
 
 @dataclass
@@ -338,27 +340,32 @@ class FinetuneConfig:
     """Learning rates to try first (e.g. [1e-4,3e-4,1e-3]): a short trial each, then training with the best."""
     sweep_steps: int = 50
     """Steps per learning-rate trial."""
-    lora_rank: int = 0
-    """LoRA adapter rank (0 = full fine-tuning). Only adapters (and a classifier head) train."""
-    lora_alpha: float = 16.0
-    """LoRA scale numerator: updates are scaled by alpha / rank."""
-    lora_targets: list[str] = field(default_factory=lambda: ["attn", "mlp"])
-    """Layers given adapters: attn (c_attn + attn c_proj), qkv (c_attn only), mlp (c_fc + mlp c_proj)."""
-    lora_dropout: float = 0.0
-    """Dropout on the adapters' input."""
+    lora: LoRAConfig = field(default_factory=lambda: LoRAConfig(rank=0))
+    """LoRA adapters (--finetune.lora.rank R > 0): only they (and a classifier head) train."""
 
     def validate(self) -> "FinetuneConfig":
         check_ranges(self, "finetune.", {
             "epochs": "[0, inf)", "evals_per_epoch": "[1, inf)", "val_fraction": "[0, 1)", "test_fraction": "[0, 1)",
             "split_seed": f"[0, {SEED_MAX}]", "train_last_blocks": "[0, inf)", "response_tokens": "[1, inf)",
-            "lr_sweep": "(0, inf)", "sweep_steps": "[1, inf)", "lora_rank": "[0, inf)", "lora_alpha": "(0, inf)",
-            "lora_dropout": "[0, 1)"})
+            "lr_sweep": "(0, inf)", "sweep_steps": "[1, inf)"})
+        check_ranges(self.lora, "finetune.lora.", {"rank": "[0, inf)", "alpha": "(0, inf)", "dropout": "[0, 1)"})
+        if self.lora.rank:
+            try:
+                self.lora.validate()  # the targets
+            except UserError as e:
+                raise UserError(f"finetune.lora.targets: {e} (e.g. --finetune.lora.targets '[attn,mlp]')") from None
         return self
 
 
 @dataclass
 class SampleConfig:
-    """How to sample text from a model."""
+    """How to sample text from a model.
+
+    The defaults (temperature 0.8, top-k 200) are nanoGPT's sample.py's, kept for `generate`, `chat` and the
+    samples training writes: a little less diversity for text that reads well from small, briefly trained
+    models. The engine (SamplingParams) and the HTTP API default to the model's own distribution
+    (temperature 1, no top-k), as OpenAI's API does, so API clients get what they expect; this is the one
+    place the difference is decided (--sample.temperature 1 --sample.top_k null gives the API's)."""
 
     max_new_tokens: int = 200
     """Tokens to generate per sample."""
@@ -401,82 +408,8 @@ class RunConfig:
         return self
 
 
-def to_dict(cfg: Any) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
-
-
-def from_dict(cls: type, values: Any, where: str = "config") -> Any:
-    """Build a (nested) dataclass from a dict (parsed JSON or YAML), naming any unknown key or value of
-    the wrong type (checked against the field's annotation) in one line."""
-    if not isinstance(values, dict):
-        raise UserError(f"{where} must be a mapping, got {type(values).__name__}")
-    known = {f.name: f for f in dataclasses.fields(cls)}
-    hints = typing.get_type_hints(cls)
-    kwargs = {}
-    for key, value in values.items():
-        if key not in known:
-            raise UserError(
-                f"unknown config key '{where}.{key}'; valid keys: {', '.join(sorted(known))}"
-            )
-        kwargs[key] = checked(value, hints[key], f"{where}.{key}")
-    return cls(**kwargs)
-
-
-def checked(value: Any, annotation: Any, where: str) -> Any:
-    """`value` if it has the annotated type (bool is not an int; an int is a float; Optional and list[...]
-    are followed; a dataclass is built with from_dict), else a UserError naming `where`."""
-    if dataclasses.is_dataclass(annotation):
-        return from_dict(annotation, value, where)
-    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
-    if origin is typing.Union:
-        if value is None and type(None) in args:
-            return None
-        options = [a for a in args if a is not type(None)]
-        if len(options) == 1:
-            return checked(value, options[0], where)
-    elif origin is list and isinstance(value, list):
-        return [checked(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)] if args else value
-    elif origin is dict and isinstance(value, dict):
-        return value
-    elif annotation is Any:
-        return value
-    elif annotation is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    elif annotation in (int, str, bool, list, dict) and isinstance(value, annotation) and \
-            not (annotation is int and isinstance(value, bool)):
-        return value
-    raise UserError(f"{where} must be {_describe_type(annotation)}, got {_show(value)}")
-
-
-def _describe_type(annotation: Any) -> str:
-    names = {int: "an integer", float: "a number", bool: "true or false", str: "a string", list: "a list",
-             dict: "a mapping"}
-    if annotation in names:
-        return names[annotation]
-    args = typing.get_args(annotation)
-    if typing.get_origin(annotation) is list:
-        return f"a list of {_describe_type(args[0]).split(' ', 1)[1]}s" if args else "a list"
-    if typing.get_origin(annotation) is typing.Union:
-        return " or ".join("null" if a is type(None) else _describe_type(a) for a in args)
-    return getattr(annotation, "__name__", str(annotation))
-
-
-def _show(value: Any) -> str:
-    text = repr(value)
-    return f"{text[:40]}... ({type(value).__name__})" if len(text) > 40 else f"{text} ({type(value).__name__})"
-
-
 def save_yaml(cfg: Any, path: Path) -> None:
     from gptforge.common import atomic_write_text
 
-    atomic_write_text(Path(path), yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    atomic_write_text(Path(path), yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
 
-
-def load_yaml(cls: type, path: Path) -> Any:
-    try:
-        values = yaml.safe_load(Path(path).read_text()) or {}
-    except FileNotFoundError:
-        raise UserError(f"config file not found: {path}") from None
-    except yaml.YAMLError as e:
-        raise UserError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
-    return from_dict(cls, values, where=Path(path).name)

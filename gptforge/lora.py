@@ -20,57 +20,14 @@ The output head is never wrapped: it is tied to the token embedding, and the los
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from gptforge.common import UserError
+from gptforge.config import LORA_TARGETS, LoRAConfig  # noqa: F401 - LoRAConfig: lora's own API too
 
-# target name -> module paths inside a Block (matched as the last two parts of a module's name)
-TARGETS: dict[str, tuple[str, ...]] = {
-    "attn": ("attn.c_attn", "attn.c_proj"),
-    "qkv": ("attn.c_attn",),
-    "mlp": ("mlp.c_fc", "mlp.c_proj"),
-}
 ADAPTER_SUFFIXES = (".lora_A", ".lora_B")
-
-
-@dataclass
-class LoRAConfig:
-    """Low-rank adapters (LoRA): which Linear layers get them and how big they are."""
-
-    rank: int = 8
-    """Rank r of each adapter (trainable parameters per layer: r * (in + out))."""
-    alpha: float = 16.0
-    """Scale numerator: the update is multiplied by alpha / rank, so changing rank keeps its size."""
-    dropout: float = 0.0
-    """Dropout on the adapter's input (the base path is unaffected)."""
-    targets: list[str] = field(default_factory=lambda: ["attn", "mlp"])
-    """Layers to adapt in every block: attn (c_attn + attn.c_proj), qkv (c_attn only), mlp (c_fc +
-    mlp.c_proj). All of attn and mlp is the default: adapting every linear layer closes most of the gap
-    to full fine-tuning (QLoRA, Dettmers et al. 2023)."""
-
-    @property
-    def scale(self) -> float:
-        return self.alpha / self.rank
-
-    def validate(self) -> "LoRAConfig":
-        if isinstance(self.targets, str):  # "attn,mlp" as typed on a command line
-            self.targets = [t.strip() for t in self.targets.split(",") if t.strip()]
-        if not isinstance(self.rank, int) or self.rank <= 0:
-            raise UserError(f"lora rank must be a positive integer, got {self.rank!r}")
-        if not self.alpha > 0:
-            raise UserError(f"lora alpha must be > 0, got {self.alpha}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise UserError(f"lora dropout must be in [0, 1), got {self.dropout}")
-        unknown = [t for t in self.targets if t not in TARGETS]
-        if unknown or not self.targets:
-            raise UserError(f"unknown lora target(s) {unknown}; choose from {', '.join(TARGETS)} "
-                            "(e.g. --lora-targets attn,mlp)" if unknown else
-                            f"no lora targets given; choose from {', '.join(TARGETS)} (e.g. --lora-targets attn,mlp)")
-        return self
 
 
 class LoRALinear(nn.Linear):
@@ -110,7 +67,7 @@ class LoRALinear(nn.Linear):
 
 
 def _target_paths(targets: list[str]) -> set[str]:
-    return {path for t in targets for path in TARGETS[t]}
+    return {path for t in targets for path in LORA_TARGETS[t]}
 
 
 def apply_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:

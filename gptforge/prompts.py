@@ -1,6 +1,8 @@
 """Prompt and chat formats, as text and special-token names. The tokenizer turns them into ids and loss
 masks (Tokenizer.encode_chat); everything that builds a prompt (fine-tuning, chat CLI, server) goes
-through it, so training and inference can never disagree about a format."""
+through it, so training and inference can never disagree about a format. Also here: the one rule for
+which turns of a conversation still fit a context window (history_start), shared by the chat CLI and the
+server."""
 
 from __future__ import annotations
 
@@ -30,6 +32,35 @@ def check_messages(messages: Sequence[Mapping]) -> list[tuple[str, str]]:
             raise UserError(f"message {i} content must be a string, got {type(content).__name__}")
         pairs.append((role, content))
     return pairs
+
+
+def reply_room(max_new_tokens: int, context_length: int) -> int:
+    """Tokens a chat keeps free for the reply when it decides what history fits: all of max_new_tokens,
+    but never more than half the window, so a long max_new_tokens still leaves the model some
+    conversation to read."""
+    return max(1, min(max_new_tokens, context_length // 2))
+
+
+def history_start(roles: Sequence[str], lengths: Sequence[int], budget: int) -> int:
+    """Where the conversation a model reads starts when it must fit in `budget` tokens: the index of the
+    first message kept. Messages before it are left out, except system messages, which always stay; the
+    newest message always stays. lengths[i] is message i's tokens as the tokenizer renders it alone
+    (encode_chat of a list is the concatenation of its messages', so lengths add up; the newest one's
+    includes the assistant cue after it).
+
+    Whole exchanges go, oldest first: leaving a message out leaves out everything up to the next user
+    message, so the model never reads a reply without its question. What is left may still not fit (a
+    newest message longer than the budget): the caller then cuts it or refuses. The chat CLI and the
+    server's `truncate_history` both follow this one rule."""
+    total, last = sum(lengths), len(roles) - 1
+    start = 0
+    while total > budget and start < last:
+        end = start + 1  # one exchange: the oldest message and what follows it, up to the next user message
+        while end < last and roles[end] != "user":
+            end += 1
+        total -= sum(n for role, n in zip(roles[start:end], lengths[start:end]) if role != "system")
+        start = end
+    return start
 
 
 # --- instruction format: the Alpaca template (as in LLMs-from-scratch ch07) -------------------------

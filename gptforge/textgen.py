@@ -12,36 +12,41 @@ The returned text is the completion only, without the prompt.
 from __future__ import annotations
 
 import codecs
+import sys
+from pathlib import Path
 from typing import Iterator, Optional, Sequence, Union
 
 import torch
 
-from gptforge.common import UserError
+from gptforge.common import Runtime, UserError, read_user_text
 from gptforge.config import SampleConfig
 from gptforge.engine import Engine, SamplingParams, StepOutput
+from gptforge.options import GenerateOptions
 from gptforge.tokenizer import Tokenizer
 
 Prompt = Union[str, Sequence[int]]  # text, or ids already rendered by the tokenizer
+Where = Union[Runtime, torch.device, str, None]  # a Runtime, a bare device (no autocast), or the model's device
 
 
 def generate_text(model: Union[torch.nn.Module, Engine], tokenizer: Tokenizer, prompts: Sequence[Prompt],
-                  sample: SampleConfig, device=None, truncate: Optional[str] = None,
-                  dtype: torch.dtype = torch.float32, stop_ids: Sequence[int] = ()) -> list[str]:
+                  sample: SampleConfig, runtime: Where = None, truncate: Optional[str] = None,
+                  stop_ids: Sequence[int] = ()) -> list[str]:
     """Completions, num_samples per prompt (prompt-major order), each cut before its first stop string.
     A prompt is text, or token ids already rendered by the tokenizer (a chat or instruction format);
-    stop_ids end a row besides end-of-text (e.g. the chat end-of-turn token)."""
-    engine, rows, params, texts = _setup(model, tokenizer, prompts, sample, device, dtype, stop_ids)
+    stop_ids end a row besides end-of-text (e.g. the chat end-of-turn token). runtime: where the model
+    runs (`gptforge.common.inference_runtime`; an Engine brings its own)."""
+    engine, rows, params, texts = _setup(model, tokenizer, prompts, sample, runtime, stop_ids)
     outputs = engine.generate(rows, params, stop_check=texts.stop_check, truncate=truncate)
     # Decoded in one go, independently of the incremental decoding that streaming uses.
     return [cut_at_stop(tokenizer.decode(ids), sample.stop) for ids in outputs]
 
 
 def stream_text(model: Union[torch.nn.Module, Engine], tokenizer: Tokenizer, prompts: Sequence[Prompt],
-                sample: SampleConfig, device=None, truncate: Optional[str] = None,
-                dtype: torch.dtype = torch.float32, stop_ids: Sequence[int] = ()) -> Iterator[tuple[int, str]]:
+                sample: SampleConfig, runtime: Where = None, truncate: Optional[str] = None,
+                stop_ids: Sequence[int] = ()) -> Iterator[tuple[int, str]]:
     """(row index, text delta) as text becomes safe to show; the deltas of a row concatenate to what
     `generate_text` returns for it. Row i*num_samples + j is sample j of prompt i."""
-    engine, rows, params, texts = _setup(model, tokenizer, prompts, sample, device, dtype, stop_ids)
+    engine, rows, params, texts = _setup(model, tokenizer, prompts, sample, runtime, stop_ids)
     steps = engine.stream(rows, params, stop_check=texts.stop_check, truncate=truncate)  # raises bad input now
     return _stream_deltas(steps, texts)
 
@@ -52,14 +57,45 @@ def _stream_deltas(steps, texts: "TextRows") -> Iterator[tuple[int, str]]:
     yield from texts.close()  # rows the engine never finished (max_new_tokens == 0, or cut short)
 
 
+def generate_command(options: GenerateOptions) -> None:
+    """`gptforge generate`: each prompt followed by its completions (streamed with --stream)."""
+    from gptforge.checkpoint import load_model
+
+    prompts = [read_user_text(options.prompt_file, "prompt file")] if options.prompt_file else [options.prompt or ""]
+    runtime = options.runtime()
+    model, tokenizer, _ = load_model(Path(options.checkpoint), runtime.device)
+    sample, truncate = options.sample, options.truncate
+    if options.stream:
+        for prompt in prompts:
+            sys.stdout.write(prompt)
+            for _, delta in stream_text(model, tokenizer, [prompt], sample, runtime, truncate=truncate):
+                sys.stdout.write(delta)
+                sys.stdout.flush()
+            sys.stdout.write("\n")
+        return
+    texts = generate_text(model, tokenizer, prompts, sample, runtime, truncate=truncate)
+    per_prompt = len(texts) // len(prompts)
+    for i, text in enumerate(texts):
+        print(prompts[i // per_prompt] + text)
+        if i < len(texts) - 1:
+            print("-" * 40)
+
+
 def encode_prompts(tokenizer: Tokenizer, prompts: Sequence[Prompt]) -> list[list[int]]:
     """Token ids of each prompt (text is encoded, ids kept); an empty prompt starts from end-of-text."""
     return [(tokenizer.encode(p) if isinstance(p, str) else list(p)) or [tokenizer.eot_id] for p in prompts]
 
 
-def _setup(model, tokenizer: Tokenizer, prompts: Sequence[Prompt], sample: SampleConfig, device, dtype,
+def sampling_params(sample: SampleConfig, stop_token_ids: Sequence[int] = ()) -> SamplingParams:
+    """The engine's parameters for a SampleConfig (whose stop strings and num_samples this module handles)."""
+    return SamplingParams(max_new_tokens=sample.max_new_tokens, temperature=sample.temperature, top_k=sample.top_k,
+                          top_p=sample.top_p, repetition_penalty=sample.repetition_penalty,
+                          stop_token_ids=frozenset(stop_token_ids), seed=sample.seed)
+
+
+def _setup(model, tokenizer: Tokenizer, prompts: Sequence[Prompt], sample: SampleConfig, runtime: Where,
            stop_ids: Sequence[int] = ()):
-    engine = model if isinstance(model, Engine) else Engine(model, device=device, dtype=dtype)
+    engine = model if isinstance(model, Engine) else Engine(model, runtime)
     if engine.config.vocab_size != tokenizer.vocab_size:
         raise UserError(f"model vocab {engine.config.vocab_size} != tokenizer vocab {tokenizer.vocab_size}; "
                         "use the tokenizer the model was trained with")
@@ -70,7 +106,7 @@ def _setup(model, tokenizer: Tokenizer, prompts: Sequence[Prompt], sample: Sampl
     if any(not s for s in sample.stop):
         raise UserError("stop strings must not be empty")
     rows = [list(ids) for ids in encode_prompts(tokenizer, prompts) for _ in range(sample.num_samples)]
-    params = SamplingParams.from_config(sample, stop_token_ids={tokenizer.eot_id, *stop_ids})
+    params = sampling_params(sample, stop_token_ids={tokenizer.eot_id, *stop_ids})
     return engine, rows, params, TextRows(tokenizer, len(rows), sample.stop)
 
 

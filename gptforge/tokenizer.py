@@ -372,7 +372,7 @@ class BPETokenizer(Tokenizer):
         if learned != n_ordinary:
             raise UserError(
                 f"the corpus is too small to learn a bpe vocabulary of {vocab_size} (it gave "
-                f"{learned + len(special_tokens)}); lower --data.vocab_size or use more text"
+                f"{learned + len(special_tokens)}); lower --data.bpe_vocab_size or use more text"
             )
         return cls(tk, special_tokens)
 
@@ -459,7 +459,7 @@ def build_tokenizer(spec: str, texts: Iterable[str] | None = None, vocab_size: i
         if spec == "char":
             return CharTokenizer.train(texts)
         if vocab_size is None:
-            raise UserError("the bpe tokenizer needs a vocabulary size; set --data.vocab_size (e.g. 4096)")
+            raise UserError("the bpe tokenizer needs a vocabulary size; set --data.bpe_vocab_size (e.g. 4096)")
         return BPETokenizer.train(texts, int(vocab_size))
     if Path(spec).is_dir():
         return load_tokenizer(Path(spec))

@@ -11,7 +11,7 @@ from typing import Any, Optional
 import torch
 
 from gptforge.common import UserError
-from gptforge.config import checked
+from gptforge.checks import checked
 
 # What the training loop reads from trainer/state.json (keys it may lack are optional)
 STATE_FIELDS: dict[str, Any] = {"step": int, "best_val_loss": Optional[float], "evals_since_best": int,

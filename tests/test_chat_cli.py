@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from gptforge.chat import ChatSession, fit_prompt, run_chat
+from gptforge.apps.chat import ChatSession, fit_prompt, run_chat
 from gptforge.checkpoint import load_model, save_checkpoint
 from gptforge.cli import main
 from gptforge.common import UserError

@@ -15,7 +15,7 @@ from gptforge.cli import main
 from gptforge.config import ModelConfig, resolve_model_config
 from gptforge.model import GPT, GPTClassifier
 from gptforge.tokenizer import ByteTokenizer
-from gptforge.train.modes import classify_texts
+from gptforge.classify import classify_texts
 from helpers import REPO, run_cli
 
 LABELS = ["ham", "spam"]

@@ -50,6 +50,17 @@ def test_every_subcommand_has_help(capsys):
     assert "Peak learning rate" in out  # field docstrings are the help text
 
 
+def test_preset_help_names_every_preset(capsys):
+    from gptforge.config import PRESETS
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    start = help_text.rindex("--model.preset PRESET")  # its help, after the usage lines
+    preset_help = help_text[start:help_text.index("--model.n_layer", start)]
+    assert [name for name in PRESETS if name not in preset_help] == []
+
+
 def test_console_script_and_module_entry_point():
     result = run_cli("--help")
     assert result.returncode == 0 and "quickstart" in result.stdout
@@ -158,11 +169,12 @@ def test_out_of_memory_suggests_smaller_micro_batch(tmp_path, capsys, monkeypatc
     (["train", "--train.max_stps", "5"], ["gptforge: error: unrecognized arguments: --train.max_stps 5",
                                           "did you mean --train.max_steps?", "see: gptforge train --help"]),
     (["finetune", "text", "--from", "x", "--finetune.lora_rnk", "4"],
-     ["gptforge: error: unrecognized arguments: --finetune.lora_rnk 4", "did you mean --finetune.lora_rank?",
+     ["gptforge: error: unrecognized arguments: --finetune.lora_rnk 4", "did you mean --finetune.lora.rank?",
       "see: gptforge finetune --help"]),
     (["trian"], ["gptforge: error: argument command: invalid choice: 'trian' (choose from 'prepare', 'train', "
-                 "'generate', 'quickstart', 'finetune', 'consolidate', 'merge-lora', 'classify', 'chat', 'judge', 'synth', "
-                 "'import-gpt2', 'export-hf', 'eval', 'serve')", "did you mean train?", "see: gptforge --help"]),
+                 "'generate', 'quickstart', 'finetune', 'consolidate', 'merge-lora', 'classify', 'chat', 'judge', "
+                 "'synth', 'import-gpt2', 'export-hf', 'export-gguf', 'export-onnx', 'eval', 'serve')",
+                 "did you mean train?", "see: gptforge --help"]),
     (["generate"], ["gptforge: error: the following arguments are required: generate.checkpoint",
                     "see: gptforge generate --help"]),
 ])

@@ -60,8 +60,8 @@ OUT_OF_RANGE = [
     (FINETUNE, "finetune", {
         "epochs": ["-1", "nan", "inf"], "evals_per_epoch": ["0"], "val_fraction": ["-0.1", "1"],
         "test_fraction": ["1.5"], "split_seed": ["-1"], "train_last_blocks": ["-1"], "response_tokens": ["0"],
-        "lr_sweep": ["[-0.001]", "[0]"], "sweep_steps": ["0"], "lora_rank": ["-1"], "lora_alpha": ["0"],
-        "lora_dropout": ["1", "-0.1"]}),
+        "lr_sweep": ["[-0.001]", "[0]"], "sweep_steps": ["0"], "lora.rank": ["-1"], "lora.alpha": ["0"],
+        "lora.dropout": ["1", "-0.1"]}),
 ]
 # Options of one subcommand only (not from a config dataclass).
 CLI_ONLY = [
@@ -83,7 +83,8 @@ TYPOS = [
     (TRAIN, "--trian.warmup_steps", "--train.warmup_steps"), (TRAIN, "--model.n_layers", "--model.n_layer"),
     (TRAIN, "--train.micro_batchsize", "--train.micro_batch_size"), (TRAIN, "--data.tokeniser", "--data.tokenizer"),
     (GENERATE, "--sample.temprature", "--sample.temperature"), (GENERATE, "--sample.topk", "--sample.top_k"),
-    (FINETUNE, "--finetune.epoch", "--finetune.epochs"), (FINETUNE, "--finetune.lora-rank", "--finetune.lora_rank"),
+    (FINETUNE, "--finetune.epoch", "--finetune.epochs"), (FINETUNE, "--finetune.lora-rank", "--finetune.lora.rank"),
+    (FINETUNE, "--finetune.lora_rank", "--finetune.lora.rank"),  # the name before LoRA became one group
     (JUDGE, "--concurency", "--concurrency"), (SYNTH, "--max_mises", "--max_misses"),
 ]
 # Config files: name -> (bytes, what the message must name).

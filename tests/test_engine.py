@@ -7,9 +7,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gptforge.common import UserError
+from gptforge.common import UserError, inference_runtime
 from gptforge.config import ModelConfig, SampleConfig, resolve_model_config
-from gptforge.engine import (WINDOW_KEEP_FRACTION, Engine, SamplingParams, presence_mask, process_logits,
+from gptforge.engine import (WINDOW_KEEP_FRACTION, Engine, ModelRunner, SamplingParams, presence_mask, process_logits,
                              sample_next)
 from gptforge.engine.batch import DecodeBatch
 from gptforge.model import GPT, GPTClassifier
@@ -163,9 +163,45 @@ def test_logprobs_are_the_models_raw_distribution():
 
 
 def test_bfloat16_autocast_runs():
-    engine = Engine(tiny_model(0), dtype=torch.bfloat16)
+    engine = Engine(tiny_model(0), inference_runtime("cpu", "bfloat16"))
     out = engine.generate(PROMPTS, SamplingParams(max_new_tokens=8, **GREEDY))
     assert [len(r) for r in out] == [8] * len(PROMPTS)
+
+
+def test_forward_passes_run_under_the_runtimes_autocast(monkeypatch):
+    """The engine takes device and dtype from the Runtime it is given and computes under its autocast (the
+    one autocast in the package); a bare device means no autocast."""
+    seen = []
+    model = tiny_model(0)
+    forward = type(model).forward
+
+    def spy(self, *args, **kwargs):
+        seen.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(model), "forward", spy)
+    params = SamplingParams(max_new_tokens=3, **GREEDY)
+    engine = Engine(model, inference_runtime("cpu", "bfloat16"))
+    assert engine.runtime.dtype == engine.cache_dtype == torch.bfloat16
+    engine.generate(PROMPTS[:1], params)
+    assert seen and set(seen) == {torch.bfloat16}
+    seen.clear()
+    Engine(model, "cpu").generate(PROMPTS[:1], params)
+    assert seen and set(seen) == {None}
+
+
+def test_decode_batch_runs_on_a_model_runner_alone():
+    """DecodeBatch needs only the model side (ModelRunner): the Engine drives it, never the other way."""
+    model = tiny_model(0)
+    params = SamplingParams(max_new_tokens=6, **GREEDY)
+    batch = DecodeBatch(ModelRunner(model))
+    gid = batch.add(PROMPTS, params)
+    rows = [[] for _ in PROMPTS]
+    for step in batch.outputs_of(gid):
+        for row, tok in zip(rows, step.tokens):
+            if tok is not None:
+                row.append(tok)
+    assert rows == Engine(model).generate(PROMPTS, params)
 
 
 # --- context window -------------------------------------------------------------------------------------

@@ -121,7 +121,7 @@ def test_lora_checkpoints_hold_adapters_only_and_merge_exactly(base, tmp_path):
     run = tmp_path / "lora"
     before = load_file(str(base / "model.safetensors"))
     res = finetune("instruct", base, ALPACA, run, "--finetune.epochs", "1",
-                   "--finetune.lora_rank", "4", "--finetune.lora_targets", "[attn,mlp]",
+                   "--finetune.lora.rank", "4", "--finetune.lora.targets", "[attn,mlp]",
                    "--finetune.response_tokens", "4")
     assert res.returncode == 0, res.stderr
     adapters = load_file(str(run / "checkpoints" / "best" / "model.safetensors"))
@@ -164,8 +164,8 @@ def test_lora_checkpoints_hold_adapters_only_and_merge_exactly(base, tmp_path):
 
 @pytest.mark.slow
 def test_lora_resume_after_sigkill_is_bitwise_identical(base, tmp_path):
-    args = ["--finetune.epochs", "3", "--finetune.evals_per_epoch", "4", "--finetune.lora_rank", "4",
-            "--finetune.lora_dropout", "0.1", "--train.sample_every", "1000"]  # dropout: RNG restored too
+    args = ["--finetune.epochs", "3", "--finetune.evals_per_epoch", "4", "--finetune.lora.rank", "4",
+            "--finetune.lora.dropout", "0.1", "--train.sample_every", "1000"]  # dropout: RNG restored too
     straight = tmp_path / "straight"
     assert finetune("text", base, PLAYS, straight, *args).returncode == 0
 
@@ -189,7 +189,7 @@ def test_lora_resume_after_sigkill_is_bitwise_identical(base, tmp_path):
     (["classify", "--finetune.data", "missing.tsv"], "missing.tsv"),
     (["poetry", "--finetune.data", "x.txt"], "unknown fine-tuning mode 'poetry'"),
     (["chat"], "needs data"),
-    (["text", "--finetune.data", "{plays}", "--finetune.lora_rank", "4", "--finetune.lora_targets", "[ffn]"], "ffn"),
+    (["text", "--finetune.data", "{plays}", "--finetune.lora.rank", "4", "--finetune.lora.targets", "[ffn]"], "ffn"),
 ])
 def test_finetune_errors_are_one_line(base, tmp_path, args, message):
     args = [a.replace("{plays}", str(PLAYS)) for a in args]

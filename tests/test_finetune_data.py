@@ -12,7 +12,7 @@ import torch
 from gptforge.common import UserError
 from gptforge.data.batches import (ClassifyBatches, PackedTextBatches, SFTBatches, encode_conversations,
                                    encode_instructions, encode_labeled, fit_sequence, pack_documents)
-from gptforge.data.finetune import (Document, LabeledText, document_block, parse_delimiters, read_conversations,
+from gptforge.data.examples import (Document, LabeledText, document_block, parse_delimiters, read_conversations,
                                     read_instructions, read_labeled, read_text_corpus, split_examples)
 from gptforge.prompts import alpaca_prompt
 from gptforge.tokenizer import ByteTokenizer, GPT2Tokenizer

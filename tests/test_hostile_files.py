@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from gptforge.common import UserError
-from gptforge.config import ModelConfig, RunConfig, from_dict, resolve_model_config
+from gptforge.checks import from_dict
+from gptforge.config import ModelConfig, RunConfig, resolve_model_config
 from helpers import REPO, run_cli
 
 import hostile_files

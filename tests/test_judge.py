@@ -11,7 +11,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from gptforge.common import UserError
-from gptforge.judge import format_report, judge_file, parse_score
+from gptforge.apps.judge import format_report, judge_file, parse_score
 from helpers import run_cli
 
 FAST = dict(backoff=0.01, progress=False)  # retries in tests wait milliseconds, not seconds

@@ -11,15 +11,15 @@ PKG = REPO / "gptforge"
 
 # Each module's layer; a module may import gptforge modules of its own layer or lower ones only.
 LAYERS = {
-    "gptforge": 0, "gptforge.config": 0, "gptforge.common": 0, "gptforge.files": 0,
+    "gptforge": 0, "gptforge.config": 0, "gptforge.checks": 0, "gptforge.common": 0, "gptforge.files": 0,
+    "gptforge.options": 0, "gptforge.terminal": 0,
     "gptforge.model": 1, "gptforge.tokenizer": 1, "gptforge.prompts": 1, "gptforge.lora": 1,
     "gptforge.data": 2,
     "gptforge.checkpoint": 3, "gptforge.trainer_state": 3,
-    "gptforge.engine": 4, "gptforge.textgen": 4, "gptforge.interop": 4, "gptforge.eval": 4,
+    "gptforge.engine": 4, "gptforge.textgen": 4, "gptforge.interop": 4, "gptforge.eval": 4, "gptforge.client": 4,
+    "gptforge.classify": 4, "gptforge.export": 4,
     "gptforge.train": 5,
-    "gptforge.quickstart": 6, "gptforge.serve": 6, "gptforge.judge": 6, "gptforge.cli": 6, "gptforge.__main__": 7,
-    "gptforge.chat": 6, "gptforge.synth": 6,
-    "gptforge.cli_errors": 6,
+    "gptforge.serve": 6, "gptforge.apps": 6, "gptforge.cli": 6, "gptforge.cli_errors": 6, "gptforge.__main__": 7,
 }
 
 
@@ -53,6 +53,28 @@ def test_imports_point_one_way():
     assert not bad, bad
 
 
+def test_apps_stand_alone():
+    """An app (gptforge/apps/) imports the library, never another app; only the CLI imports apps."""
+    bad = []
+    for path in PKG.rglob("*.py"):
+        module = ".".join(path.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__")
+        for dep in imported_modules(path):
+            if not dep.startswith("gptforge.apps"):
+                continue
+            if module.startswith("gptforge.apps.") and dep != module:
+                bad.append(f"app {module} imports {dep}")
+            elif not module.startswith("gptforge.apps") and module != "gptforge.cli":
+                bad.append(f"library module {module} imports {dep}")
+    assert not bad, bad
+
+
+def test_engine_speaks_tokens_only():
+    """The engine takes SamplingParams and ids, never the CLI's SampleConfig or text (textgen converts)."""
+    for path in (PKG / "engine").glob("*.py"):
+        deps = imported_modules(path)
+        assert not deps & {"gptforge.config", "gptforge.textgen", "gptforge.tokenizer"}, (path.name, deps)
+
+
 def test_model_is_pure_math():
     imports = set()
     for node in ast.walk(ast.parse((PKG / "model.py").read_text())):
@@ -74,7 +96,8 @@ def test_distributed_code_lives_in_train():
 
 
 def test_import_gptforge_is_light():
-    code = ("import sys, gptforge, gptforge.config, gptforge.cli; "
+    """Importing the package and building the whole parser loads no heavy library: `gptforge --help` is quick."""
+    code = ("import sys, gptforge, gptforge.config, gptforge.cli; gptforge.cli.build_parser(); "
             "print(','.join(m for m in ('torch','matplotlib','datasets','transformers','tiktoken') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
     assert out.stdout.strip() == "", f"heavy modules imported at start-up: {out.stdout}"

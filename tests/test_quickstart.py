@@ -8,7 +8,7 @@ import pytest
 
 from gptforge.common import setup_runtime
 from gptforge.config import ModelConfig
-from gptforge.quickstart import quickstart, seconds_per_step, steps_for_budget
+from gptforge.apps.quickstart import quickstart, seconds_per_step, steps_for_budget
 
 
 @pytest.mark.slow
@@ -16,7 +16,7 @@ def test_quickstart_end_to_end(tmp_path, capsys, monkeypatch):
     def no_timing(*args, **kwargs):
         raise AssertionError("a fixed step count must not time the machine")
 
-    monkeypatch.setattr("gptforge.quickstart.seconds_per_step", no_timing)
+    monkeypatch.setattr("gptforge.apps.quickstart.seconds_per_step", no_timing)
     run_dir = tmp_path / "qs"
     quickstart(run_dir=run_dir, steps=50, device="cpu")
     out = capsys.readouterr().out

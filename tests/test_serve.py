@@ -207,6 +207,49 @@ def test_chat_matches_the_engine(main, local):
         .choices[0].message.content == expected
 
 
+def test_truncate_history_leaves_the_oldest_exchanges_out(main, local):
+    tok = local[1]
+    system = {"role": "system", "content": "Be brief."}
+    turns = [m for i in range(4) for m in ({"role": "user", "content": f"question {i}?"},
+                                           {"role": "assistant", "content": f"answer {i}."})]
+    messages = [system, *turns, {"role": "user", "content": "and now?"}]
+    body = {"messages": messages, "max_tokens": 8, "temperature": 0}
+    assert_openai_error(main.post("/v1/chat/completions", body), 400, "messages", "context_length_exceeded")
+
+    out = main.post("/v1/chat/completions", {**body, "truncate_history": True})
+    assert out.status_code == 200, out.text
+    dropped = int(out.headers["x-gptforge-dropped-messages"])
+    assert out.json()["gptforge"] == {"dropped_messages": dropped}
+    # the longest tail of whole exchanges that fits beside max_tokens, the system message kept
+    kept = [system, *messages[1 + dropped:]]
+    prompt = tok.encode_chat(kept, add_generation_prompt=True)[0]
+    assert dropped > 0 and dropped % 2 == 0 and len(prompt) + 8 <= 64
+    assert len(tok.encode_chat([system, *messages[dropped - 1:]], add_generation_prompt=True)[0]) + 8 > 64
+    assert out.json()["usage"]["prompt_tokens"] == len(prompt)
+    assert out.json()["choices"][0]["message"]["content"] == chat_reference(local, kept, 8)
+
+    # through the openai client (extra_body), streaming: the header says it before the first chunk
+    raw = main.client().chat.completions.with_raw_response.create(
+        model="m", messages=messages, max_tokens=8, temperature=0, stream=True,
+        extra_body={"truncate_history": True})
+    assert raw.headers["x-gptforge-dropped-messages"] == str(dropped)
+    assert "".join(c.choices[0].delta.content or "" for c in raw.parse()) == chat_reference(local, kept, 8)
+    # without max_tokens, half the window is kept for the reply
+    half = main.post("/v1/chat/completions", {"messages": messages, "truncate_history": True, "temperature": 0})
+    assert half.status_code == 200 and half.json()["usage"]["prompt_tokens"] <= 32
+
+    # a conversation that fits loses nothing; without the field nothing is said
+    short = {"messages": [system, turns[0]], "max_tokens": 8, "temperature": 0}
+    fits = main.post("/v1/chat/completions", {**short, "truncate_history": True})
+    assert fits.headers["x-gptforge-dropped-messages"] == "0" and fits.json()["gptforge"]["dropped_messages"] == 0
+    plain = main.post("/v1/chat/completions", short)
+    assert "x-gptforge-dropped-messages" not in plain.headers and "gptforge" not in plain.json()
+    assert plain.json()["choices"][0]["message"]["content"] == fits.json()["choices"][0]["message"]["content"]
+    # a newest message that cannot fit on its own is still too long
+    alone = {"messages": [*turns, {"role": "user", "content": "x" * 60}], "max_tokens": 8, "truncate_history": True}
+    assert_openai_error(main.post("/v1/chat/completions", alone), 400, "messages", "context_length_exceeded")
+
+
 def test_logprobs_equal_the_engines(main, local):
     engine, tok = local
     prompt = "The king"
@@ -351,6 +394,7 @@ CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
     ("/v1/chat/completions", {**CHAT, "top_logprobs": 2}, "top_logprobs"),
     ("/v1/chat/completions", {**CHAT, "tools": [{"type": "function"}]}, "tools"),
     ("/v1/chat/completions", {**CHAT, "max_completion_tokens": 0}, "max_completion_tokens"),
+    ("/v1/chat/completions", {**CHAT, "truncate_history": "yes"}, "truncate_history"),
 ])
 def test_bad_requests_are_400(main, route, body, param):
     assert_openai_error(main.post(route, body), 400, param)

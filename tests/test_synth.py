@@ -8,9 +8,9 @@ import re
 import pytest
 
 from gptforge.common import UserError
-from gptforge.data.finetune import read_text_corpus
-from gptforge.judge import ChatClient
-from gptforge.synth import extract_document, synthesize
+from gptforge.data.examples import read_text_corpus
+from gptforge.client import ChatClient
+from gptforge.apps.synth import extract_document, synthesize
 from helpers import run_cli
 from test_judge import Stub  # the judge tests' chat-completions stub
 

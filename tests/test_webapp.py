@@ -227,6 +227,22 @@ def _generate_completion(page, prompt: str, k: int, max_tokens: int) -> list[tup
     return steps
 
 
+def test_web_app_is_native_modules_without_inline_script():
+    """No build step: index.html loads app.js as a module (no inline script: the CSP allows none), and every
+    module is a file in static/ that app.js reaches through relative imports."""
+    static = REPO / "gptforge" / "serve" / "static"
+    html = (static / "index.html").read_text()
+    assert re.findall(r"<script\b([^>]*)>(.*?)</script>", html, re.S) == [(' type="module" src="/static/app.js"', "")]
+    reached, todo = set(), ["app.js"]
+    while todo:
+        name = todo.pop()
+        if name not in reached:
+            reached.add(name)
+            assert (static / name).is_file(), f"a module imports {name}, which is not in static/"
+            todo += re.findall(r'^import .* from "\./([\w.-]+)";$', (static / name).read_text(), re.M)
+    assert reached == {p.name for p in static.glob("*.js")}
+
+
 def test_chat_streams_reply_and_sends_history(page, server):
     from playwright.sync_api import expect
 
@@ -269,30 +285,51 @@ def test_chat_streams_reply_and_sends_history(page, server):
                                      {"role": "assistant", "content": first},
                                      {"role": "user", "content": "Tell me more"}]
 
-    # A conversation longer than the context window (128 tokens) leaves its oldest exchanges out: the
-    # server answers context_length_exceeded, and the page drops turns and asks again.
+    # A conversation longer than the context window (128 tokens): the page sends all it has with
+    # truncate_history, the server leaves the oldest exchanges out and says how many, the page marks them.
     long_message = "Where does the knight ride with his sword and shield to find the lost crown today?"
-    page.fill("#chat-input", long_message)
-    page.click("#chat-send")
-    expect(page.locator(".msg-assistant.streaming")).to_have_count(0, timeout=WAIT_MS)
-    expect(page.locator("#error-banner")).to_be_hidden()
+    dropped = _chat(page, long_message)
     expect(page.locator(".msg")).to_have_count(6)
+    assert len(bodies) == 3 and bodies[2]["truncate_history"] is True
+    assert bodies[2]["messages"] == _transcript(page)[:5]  # the whole history, no retries
+    assert dropped in (2, 4)
     left_out = page.locator(".msg.out-of-context")
-    assert 2 <= left_out.count() <= 4
+    expect(left_out).to_have_count(dropped)
     expect(page.locator(".msg").nth(0)).to_have_class(re.compile("out-of-context"))
     expect(left_out.nth(0)).to_contain_text("left out")
-    kept = page.locator(".msg:not(.out-of-context)")
-    roles = ["user" if "msg-user" in c else "assistant" for c in kept.evaluate_all("els => els.map(e => e.className)")]
-    texts = kept.locator(".msg-text").all_text_contents()
-    assert len(bodies) >= 4 and bodies[-1]["messages"][-1] == {"role": "user", "content": long_message}
-    assert bodies[-1]["messages"] == [{"role": r, "content": t} for r, t in zip(roles, texts)][:-1]
+
+    # It keeps chatting: what was left out is not sent again, and the server leaves out more as needed.
+    kept = _transcript(page)[dropped:]
+    more = _chat(page, "And then?")
+    expect(page.locator(".msg")).to_have_count(8)
+    assert len(bodies) == 4 and bodies[3]["messages"] == [*kept, {"role": "user", "content": "And then?"}]
+    expect(left_out).to_have_count(dropped + more)
 
     # The conversation survives a reload (sessionStorage) and Clear empties it.
     page.reload()
-    expect(page.locator(".msg")).to_have_count(6)
-    expect(page.locator(".msg.out-of-context")).to_have_count(left_out.count())
+    expect(page.locator(".msg")).to_have_count(8)
+    expect(page.locator(".msg.out-of-context")).to_have_count(dropped + more)
     page.click("#chat-clear")
     expect(page.locator(".msg")).to_have_count(0)
+
+
+def _chat(page, message: str) -> int:
+    """Send a chat message and wait for the reply; returns how many messages the server left out."""
+    from playwright.sync_api import expect
+
+    with page.expect_response(lambda r: r.url.endswith("/v1/chat/completions")) as response:
+        page.fill("#chat-input", message)
+        page.click("#chat-send")
+    expect(page.locator(".msg-assistant.streaming")).to_have_count(0, timeout=WAIT_MS)
+    expect(page.locator("#error-banner")).to_be_hidden()
+    return int(response.value.headers["x-gptforge-dropped-messages"])
+
+
+def _transcript(page) -> list[dict]:
+    """The conversation on the page, as the API's messages."""
+    return page.locator(".msg").evaluate_all("""els => els.map(e => ({
+        role: e.classList.contains('msg-user') ? 'user' : 'assistant',
+        content: e.querySelector('.msg-text').textContent}))""")
 
 
 def test_completion_shows_token_alternatives(page, server):

@@ -57,7 +57,7 @@ stage_cls_full() {  # 2a. spam classifier: full fine-tuning from the base
 
 stage_cls_lora() {  # 2b. spam classifier: LoRA rank 8 on attn+mlp (base frozen; adapters + head train)
     run cls_lora python -m gptforge finetune classify --from "$E/base" "${CLS[@]}" --train.lr 2e-3 \
-        --finetune.lora_rank 8 --finetune.lora_alpha 16 --finetune.lora_targets '[attn,mlp]' \
+        --finetune.lora.rank 8 --finetune.lora.alpha 16 --finetune.lora.targets '[attn,mlp]' \
         --train.run_dir "$E/cls_lora"
 }
 
@@ -76,7 +76,7 @@ stage_instruct() {  # 3. Alpaca instruction SFT, full fine-tuning
 
 stage_instruct_lora() {  # 3'. the same with LoRA rank 8
     run instruct_lora python -m gptforge finetune instruct --from "$E/base" "${INS[@]}" --train.lr 2e-3 \
-        --finetune.lora_rank 8 --train.run_dir "$E/instruct_lora"
+        --finetune.lora.rank 8 --train.run_dir "$E/instruct_lora"
 }
 
 stage_chat() {  # 4. chat SFT on OpenAssistant trees (every root-to-leaf path)

@@ -1,4 +1,4 @@
-"""Fine-tuning batches: examples (data/finetune.py) -> token ids -> (x, y) batches that resume exactly.
+"""Fine-tuning batches: examples (data/examples.py) -> token ids -> (x, y) batches that resume exactly.
 
     pack_documents(docs, tok) -> stream       PackedTextBatches(stream, ...)   text: (B, T) windows
     encode_instructions / encode_conversations SFTBatches(sequences, ...)      instruct, chat: padded, masked
@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from gptforge.common import UserError
-from gptforge.data.finetune import Document, LabeledText
+from gptforge.data.examples import Document, LabeledText
 from gptforge.prompts import ROLE_TOKENS
 from gptforge.tokenizer import Tokenizer
 

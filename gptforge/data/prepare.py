@@ -26,11 +26,13 @@ from typing import Iterator, Optional
 
 import numpy as np
 
+from gptforge.checks import checked
 from gptforge.common import UserError, atomic_write_text, cache_dir, human_count, write_dir_atomically
-from gptforge.config import DataConfig, checked
+from gptforge.config import DataConfig
 from gptforge.files import contained_name, read_json, regular_file
 from gptforge.data.sources import Piece, iter_documents, source_total_bytes
-from gptforge.tokenizer import build_tokenizer, load_tokenizer
+from gptforge.options import PrepareOptions
+from gptforge.tokenizer import build_tokenizer, load_tokenizer, tokenizer_needs_corpus
 
 MANIFEST = "manifest.json"
 FORMAT = "gptforge-shards"
@@ -39,14 +41,6 @@ BATCH_BYTES = 1 << 19  # text per task: big enough to amortise the hop, small en
 # chunk is a task of its own and the workers share the load evenly
 BATCH_DOCS = 4096
 SPLITS = ("train", "val")
-
-
-def _needs_corpus(spec: str) -> bool:
-    try:
-        from gptforge.tokenizer import tokenizer_needs_corpus
-    except ImportError:  # older tokenizer module: the kinds that learn from the corpus
-        return spec in ("char", "bpe")
-    return tokenizer_needs_corpus(spec)
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -195,6 +189,14 @@ class _ShardWriter:
 
 
 # --- prepare ----------------------------------------------------------------------------------------
+def prepare_command(options: PrepareOptions) -> None:
+    """`gptforge prepare`: prepare, then one line on what was written."""
+    manifest = prepare(options.data, overwrite=options.overwrite)
+    splits = ", ".join(f"{name} {s['tokens']:,} tokens" for name, s in manifest["splits"].items())
+    print(f"prepared {options.data.dir}: {splits}; tokenizer {manifest['tokenizer']['kind']} "
+          f"(vocab {manifest['tokenizer']['vocab_size']})")
+
+
 def prepare(cfg: DataConfig, out_dir: Optional[Path] = None, progress: bool = True,
             overwrite: bool = False) -> dict:
     """Tokenize `cfg.source` into shards in `out_dir` (default cfg.dir); returns the manifest."""
@@ -242,7 +244,7 @@ def _check_target(out_dir: Path, overwrite: bool) -> None:
 
 
 def _make_tokenizer(cfg: DataConfig):
-    if not _needs_corpus(cfg.tokenizer):
+    if not tokenizer_needs_corpus(cfg.tokenizer):
         return build_tokenizer(cfg.tokenizer, vocab_size=cfg.bpe_vocab_size)
     # A first streaming pass. char learns from every document (as nanoGPT's shakespeare_char), because a
     # char tokenizer cannot encode characters it has not seen; bpe learns from train only (byte-level BPE

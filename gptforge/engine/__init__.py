@@ -2,7 +2,14 @@
 
 The engine works on token ids only and never decodes text; `gptforge.textgen` puts text on top of it.
 
-How decoding runs (`DecodeBatch`, which `Engine.stream` drives for a single call):
+The pieces, each driving the next (no call goes back up):
+    Engine (engine.py)         one call in, its tokens out: generate(), stream(); a DecodeBatch per call
+    DecodeBatch (batch.py)     continuous batching of many calls' rows over shared key/value buffers
+    ModelRunner (runner.py)    the model on its device: prompt checks, forward passes under autocast
+    sampling.py                SamplingParams, logits processing, StepOutput
+The server's worker drives one long-lived DecodeBatch itself, over an Engine (an Engine is a ModelRunner).
+
+How decoding runs:
 - Requests ("groups" of rows: several prompts, or n samples of one) join and leave a running batch
   between steps (continuous batching). Each step feeds one token per running row; rows that joined are
   prefilled in the same step, so they get their first token without waiting for the others to finish.
@@ -27,115 +34,12 @@ How decoding runs (`DecodeBatch`, which `Engine.stream` drives for a single call
   keeps a full, one-token-shifted window every step.
 """
 
-from __future__ import annotations
-
-import contextlib
-import inspect
-from typing import Iterator, Optional
-
-import torch
-
-from gptforge.common import UserError
 from gptforge.engine.batch import SLIDE_MARGIN_FRACTION, WINDOW_KEEP_FRACTION, DecodeBatch
+from gptforge.engine.engine import Engine
+from gptforge.engine.runner import ModelRunner
 from gptforge.engine.sampling import (GREEDY_BELOW, LIMITS, InvalidParam, SamplingParams, StepOutput, StopCheck,
                                       presence_mask, process_logits, sample_next)
-from gptforge.model import GPTClassifier
 
-__all__ = ["Engine", "DecodeBatch", "SamplingParams", "StepOutput", "StopCheck", "presence_mask",
+__all__ = ["Engine", "DecodeBatch", "ModelRunner", "SamplingParams", "StepOutput", "StopCheck", "presence_mask",
            "process_logits", "sample_next", "WINDOW_KEEP_FRACTION", "SLIDE_MARGIN_FRACTION", "GREEDY_BELOW", "LIMITS",
            "InvalidParam"]
-
-
-# --- the engine ----------------------------------------------------------------------------------------
-class Engine:
-    """Batched token generation with a model of `gptforge.model.GPT`'s interface.
-
-    model: put in eval mode (and moved to `device` when one is given); a training loop that samples
-        mid-run must call model.train() again afterwards. Calls keep no state on the engine.
-    dtype: autocast dtype; float32 (default) means no autocast. On CPU, bf16 autocast re-casts the fp32
-        weights every step (measured ~3x slower than fp32 for GPT-2 124M); a model cast to bf16 itself
-        works too (the cache follows the weights' dtype).
-    max_batch_rows: the most rows (prompts x samples) one call decodes at once; the others wait for rows
-        to end. Bounds the key/value buffers (they grow with the rows running: thousands of prompts at once
-        would not fit in memory). None: no cap.
-    """
-
-    def __init__(self, model: torch.nn.Module, device=None, dtype: torch.dtype = torch.float32,
-                 max_batch_rows: Optional[int] = 64):
-        if isinstance(getattr(model, "_orig_mod", model), GPTClassifier):  # also under torch.compile
-            raise UserError("this is a classifier checkpoint, not a language model; use `gptforge classify`")
-        if max_batch_rows is not None and (not isinstance(max_batch_rows, int) or max_batch_rows < 1):
-            raise UserError(f"max_batch_rows must be an integer >= 1 or None, got {max_batch_rows!r}")
-        self.max_batch_rows = max_batch_rows
-        if device is not None:
-            model = model.to(device)
-        self.model = model.eval()
-        param = next(model.parameters())
-        self.device = torch.device(device) if device is not None else param.device
-        self.dtype = dtype
-        self.config = model.config
-        # the cache must hold what attention computes in: the autocast dtype, else the weights' dtype
-        self.cache_dtype = dtype if dtype != torch.float32 else param.dtype
-        # GPT can skip the output head for all but the last position (long prompts prefill faster);
-        # stand-in models of the same interface (tests) may not take the argument.
-        self._last_only = "last_only" in inspect.signature(model.forward).parameters
-
-    def generate(self, prompts: list[list[int]], params: SamplingParams, stop_check: Optional[StopCheck] = None,
-                 use_cache: bool = True, truncate: Optional[str] = None) -> list[list[int]]:
-        """Generated ids of each row (prompt and stop token not included)."""
-        out: list[list[int]] = [[] for _ in prompts]
-        for step in self.stream(prompts, params, stop_check, use_cache, truncate):
-            for row, tok in zip(out, step.tokens):
-                if tok is not None:
-                    row.append(tok)
-        return out
-
-    def stream(self, prompts: list[list[int]], params: SamplingParams, stop_check: Optional[StopCheck] = None,
-               use_cache: bool = True, truncate: Optional[str] = None,
-               logprobs: Optional[int] = None) -> Iterator[StepOutput]:
-        """One StepOutput per decoding step, until every row has ended or max_new_tokens steps.
-
-        stop_check(row, generated_ids) is called after each token a row keeps; True ends the row
-        (the token that triggered it is still returned). truncate='left' keeps the last block_size
-        tokens of a prompt that is too long (otherwise it is a UserError). logprobs=n also reports the
-        chosen token's logprob and the n most likely alternatives (0: chosen token only).
-        Bad input raises here, at the call, not at the first step.
-        """
-        batch = DecodeBatch(self, use_cache=use_cache, max_rows=self.max_batch_rows)
-        group = batch.add(prompts, params, stop_check, logprobs, truncate)
-        return batch.outputs_of(group)
-
-    def check_prompts(self, prompts: list[list[int]], truncate: Optional[str] = None) -> list[list[int]]:
-        """Prompts as fresh lists of ints, checked against the model's vocabulary and context window."""
-        if truncate not in (None, "left"):
-            raise UserError(f"truncate must be None or 'left', got {truncate!r}")
-        block, vocab = self.config.block_size, self.config.vocab_size
-        rows = []
-        for i, prompt in enumerate(prompts):
-            row = [int(t) for t in prompt]  # our own copy: rows grow as tokens are generated
-            if not row:
-                raise UserError(f"prompt {i} is empty; start it with a token such as the end-of-text id")
-            if len(row) > block:
-                if truncate != "left":
-                    raise UserError(f"prompt has {len(row)} tokens but the model's context window is {block}; "
-                                    "shorten it or pass truncate='left'")
-                row = row[-block:]
-            bad = next((t for t in row if not 0 <= t < vocab), None)
-            if bad is not None:
-                raise UserError(f"prompt {i} holds token id {bad}, outside the model's vocabulary of {vocab}")
-            rows.append(row)
-        return rows
-
-    # --- forward passes, used by DecodeBatch -------------------------------------------------------
-    def _autocast(self):
-        if self.dtype == torch.float32:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
-
-    @torch.inference_mode()
-    def last_logits(self, idx: torch.Tensor, cache=None) -> torch.Tensor:
-        """(B, T) ids -> (B, V) float32 logits of the last position (filling `cache` when given)."""
-        extra = {"last_only": True} if self._last_only else {}
-        with self._autocast():
-            logits, _ = self.model(idx, kv_cache=cache, **extra)
-        return logits[:, -1].float()

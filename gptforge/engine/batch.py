@@ -5,17 +5,15 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator, Optional
+from typing import Iterator, Optional
 
 import torch
 import torch.nn.functional as F
 
 from gptforge.common import UserError
+from gptforge.engine.runner import ModelRunner
 from gptforge.engine.sampling import SamplingParams, StepOutput, StopCheck, presence_mask, sample_next
 from gptforge.model import KVCache
-
-if TYPE_CHECKING:
-    from gptforge.engine import Engine
 
 WINDOW_KEEP_FRACTION = 0.5
 """On a window slide keep this fraction of block_size (the newest tokens of the row). Half a window
@@ -105,18 +103,19 @@ class DecodeBatch:
     (groups) join with `add` and leave when their rows end or on `cancel`, between any two steps.
     max_rows caps the rows running at once (None: no cap): the rest wait, first come first served, and
     start as running rows end, so the key/value buffers never hold more than max_rows rows.
+    Runs on `runner` (an Engine is one): its forward passes and prompt checks, and nothing else of it.
     Not thread-safe: one thread adds, cancels and steps."""
 
-    def __init__(self, engine: Engine, use_cache: bool = True, max_rows: Optional[int] = None):
+    def __init__(self, runner: ModelRunner, use_cache: bool = True, max_rows: Optional[int] = None):
         if max_rows is not None and (not isinstance(max_rows, int) or max_rows < 1):
             raise UserError(f"max_rows must be an integer >= 1 or None, got {max_rows!r}")
-        self.engine, self.use_cache, self.max_rows = engine, use_cache, max_rows
+        self.runner, self.use_cache, self.max_rows = runner, use_cache, max_rows
         self.groups: dict[int, _Group] = {}
         self.waiting: deque[_Row] = deque()  # added, not started yet: prefilled at a step with free rows
         self.running: list[_Row] = []  # rows in the buffers, in buffer-row order
         self.k = self.v = None  # (L, R, nh, C, hs) buffers, allocated while rows run
         self.pos = 0  # slots filled, common to all rows
-        self.keep = max(1, int(engine.config.block_size * WINDOW_KEEP_FRACTION))
+        self.keep = max(1, int(runner.config.block_size * WINDOW_KEEP_FRACTION))
         self._next_id = 0
 
     @property
@@ -128,14 +127,14 @@ class DecodeBatch:
             logprobs: Optional[int] = None, truncate: Optional[str] = None) -> int:
         """Queue a group of rows; returns its id. Bad input raises here. A group with nothing to generate
         (no prompts, max_new_tokens 0) is never running and produces no output."""
-        rows = self.engine.check_prompts(prompts, truncate)
-        vocab = self.engine.config.vocab_size
+        rows = self.runner.check_prompts(prompts, truncate)
+        vocab = self.runner.config.vocab_size
         if logprobs is not None and not 0 <= logprobs <= vocab:
             raise UserError(f"logprobs must be between 0 and the vocabulary size, got {logprobs}")
         gid, self._next_id = self._next_id, self._next_id + 1
         if rows and params.max_new_tokens > 0:
             with torch.inference_mode():
-                group = _Group(gid, rows, params, stop_check, logprobs, vocab, self.engine.device)
+                group = _Group(gid, rows, params, stop_check, logprobs, vocab, self.runner.device)
             self.groups[gid] = group
             self.waiting.extend(group.rows)
         return gid
@@ -189,9 +188,9 @@ class DecodeBatch:
         if self.pos == self.k.shape[3]:
             self._make_room()
         B = len(self.running)
-        idx = torch.tensor([[r.seq[-1]] for r in self.running], dtype=torch.long, device=self.engine.device)
+        idx = torch.tensor([[r.seq[-1]] for r in self.running], dtype=torch.long, device=self.runner.device)
         view = _CacheView(self.k[:, :B], self.v[:, :B], self.pos, self._pad_lens(self.running))
-        logits = self.engine.last_logits(idx, view)
+        logits = self.runner.last_logits(idx, view)
         self.pos += 1
         return logits
 
@@ -204,7 +203,7 @@ class DecodeBatch:
         T = max(len(r.seq) for r in rows)
         if self.k is None:  # first rows: room for what they can generate, as far as the window allows
             most = max(r.group.params.max_new_tokens for r in rows)
-            self._reserve(len(rows), min(self.engine.config.block_size, T + most - 1))
+            self._reserve(len(rows), min(self.runner.config.block_size, T + most - 1))
         else:
             self._reserve(B + len(rows), T)
         if T > self.pos:
@@ -212,25 +211,25 @@ class DecodeBatch:
         self.pos = max(self.pos, T)
         start, pads = self.pos - T, [T - len(r.seq) for r in rows]
         idx = torch.tensor([[0] * p + r.seq for p, r in zip(pads, rows)], dtype=torch.long,
-                           device=self.engine.device)
+                           device=self.runner.device)
         end = B + len(rows)
-        pad_lens = torch.tensor(pads, device=self.engine.device) if any(pads) else None
+        pad_lens = torch.tensor(pads, device=self.runner.device) if any(pads) else None
         view = _CacheView(self.k[:, B:end, :, start:], self.v[:, B:end, :, start:], 0, pad_lens)
-        logits = self.engine.last_logits(idx, view)
+        logits = self.runner.last_logits(idx, view)
         self._place(rows, [start + p for p in pads])
         return logits
 
     def _full_forward(self, rows: list[_Row]) -> torch.Tensor:
         """Reference path: a full forward per row over its last block_size tokens."""
-        e, block = self.engine, self.engine.config.block_size
-        return torch.cat([e.last_logits(torch.tensor([r.seq[-block:]], dtype=torch.long, device=e.device))
+        run, block = self.runner, self.runner.config.block_size
+        return torch.cat([run.last_logits(torch.tensor([r.seq[-block:]], dtype=torch.long, device=run.device))
                           for r in rows])  # (B, V)
 
     def _pad_lens(self, rows: list[_Row]) -> Optional[torch.Tensor]:
         # no padding (e.g. one row) -> no mask: decode steps then run plain, unmasked attention
         if not any(r.pad for r in rows):
             return None
-        return torch.tensor([r.pad for r in rows], device=self.engine.device)
+        return torch.tensor([r.pad for r in rows], device=self.runner.device)
 
     # --- buffer management ---------------------------------------------------------------------------
     def _place(self, rows: list[_Row], pads: list[int]) -> None:
@@ -243,13 +242,13 @@ class DecodeBatch:
         R, C = (self.k.shape[1], self.k.shape[3]) if self.k is not None else (0, 0)
         if n_rows <= R and length <= C:
             return
-        cfg = self.engine.config
+        cfg = self.runner.config
         R2 = max(n_rows, 2 * R) if n_rows > R else R  # doubling: joins rarely reallocate
         if self.max_rows is not None:
             R2 = min(R2, max(n_rows, self.max_rows))  # never more rows than can run at once
         shape = (cfg.n_layer, R2, cfg.n_head, max(length, C), cfg.head_dim)
         # zeros, not empty: masked padding slots are still multiplied (by 0), and NaN * 0 is NaN
-        k = torch.zeros(shape, device=self.engine.device, dtype=self.engine.cache_dtype)
+        k = torch.zeros(shape, device=self.runner.device, dtype=self.runner.cache_dtype)
         v = torch.zeros_like(k)
         if self.k is not None:
             B = len(self.running)
@@ -271,7 +270,7 @@ class DecodeBatch:
 
     def _make_room(self) -> None:
         """The buffers are full: grow them up to the window, else slide the rows that fill it."""
-        block, C = self.engine.config.block_size, self.k.shape[3]
+        block, C = self.runner.config.block_size, self.k.shape[3]
         if C < block:
             left = max(r.group.params.max_new_tokens - r.n_sampled for r in self.running)
             self._reserve(len(self.running), min(block, max(self.pos + left, 2 * C)))
@@ -279,11 +278,11 @@ class DecodeBatch:
         full = [r for r in self.running if self._slides_now(r, block)]
         n_ctx = self.keep - 1  # the newest token is fed by the decode step that follows
         if full and n_ctx > 0:
-            e = self.engine
-            ctx = torch.tensor([r.seq[-self.keep:-1] for r in full], dtype=torch.long, device=e.device)
-            fresh = KVCache(e.config, len(full), n_ctx, e.device, e.cache_dtype)
-            e.last_logits(ctx, fresh)  # only its keys and values are needed
-            slots = torch.tensor([r.slot for r in full], device=e.device)
+            run = self.runner
+            ctx = torch.tensor([r.seq[-self.keep:-1] for r in full], dtype=torch.long, device=run.device)
+            fresh = KVCache(run.config, len(full), n_ctx, run.device, run.cache_dtype)
+            run.last_logits(ctx, fresh)  # only its keys and values are needed
+            slots = torch.tensor([r.slot for r in full], device=run.device)
             self.k[:, slots, :, self.pos - n_ctx:self.pos] = fresh.k
             self.v[:, slots, :, self.pos - n_ctx:self.pos] = fresh.v
         for r in full:

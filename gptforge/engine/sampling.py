@@ -12,7 +12,6 @@ import torch
 import torch.nn.functional as F
 
 from gptforge.common import UserError
-from gptforge.config import SampleConfig
 
 StopCheck = Callable[[int, list[int]], bool]
 """stop_check(row_index, generated_ids) -> True to end that row (the text layer's stop strings)."""
@@ -41,7 +40,9 @@ class InvalidParam(UserError):
 @dataclass
 class SamplingParams:
     """How to pick each next token. Invalid values raise InvalidParam (a UserError) when the object is
-    built, so whatever is built can be sampled: the CLI, the server and chat share these checks."""
+    built, so whatever is built can be sampled: the CLI, the server and chat share these checks.
+    The defaults sample the model's own distribution (temperature 1, no top-k), as the OpenAI API's do;
+    the CLI's SampleConfig has its own (gptforge.config.SampleConfig says why)."""
 
     max_new_tokens: int = 200
     temperature: float = 1.0  # 0 (or anything under GREEDY_BELOW) = greedy (argmax)
@@ -78,12 +79,6 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature < GREEDY_BELOW
-
-    @classmethod
-    def from_config(cls, sample: SampleConfig, stop_token_ids=()) -> "SamplingParams":
-        return cls(max_new_tokens=sample.max_new_tokens, temperature=sample.temperature,
-                   top_k=sample.top_k, top_p=sample.top_p, repetition_penalty=sample.repetition_penalty,
-                   stop_token_ids=frozenset(stop_token_ids), seed=sample.seed)
 
 
 def _is_int(x) -> bool:

@@ -8,11 +8,12 @@ from typing import Optional, Sequence, Union
 
 import torch.nn as nn
 
-from gptforge.common import UserError, atomic_write_text
+from gptforge.common import Runtime, UserError, atomic_write_text, inference_runtime
 from gptforge.eval.choice import ChoiceExample, choice_metrics, prediction_records, score_choices
 from gptforge.eval.lm import evaluate_lm
 from gptforge.eval.runtime import DTypeLike
 from gptforge.eval.tasks import TASKS
+from gptforge.options import EvalOptions
 from gptforge.tokenizer import Tokenizer
 
 LM_TASKS = ("loss", "perplexity")  # the same measurement under two names
@@ -100,23 +101,22 @@ def data_per_task(data: Union[str, Path, None], names: Sequence[str]) -> dict:
 
 
 def evaluate_checkpoint(checkpoint: Union[str, Path], tasks: Union[str, Sequence[str]], *,
-                        data: Union[str, Path, None] = None, device: str = "auto", dtype: str = "auto",
+                        data: Union[str, Path, None] = None, runtime: Optional[Runtime] = None,
                         predictions: Union[str, Path, None] = None, **options) -> dict:
     """Load a checkpoint (or a run directory's best/latest) and run `tasks` on it.
 
     data: one path for every task, or 'loss=val.txt,hellaswag=hs.jsonl' (see data_per_task).
+    runtime: device and autocast dtype (default: `inference_runtime()`, the best this machine has).
     predictions: a file for one multiple-choice task; with several, each gets PATH's name with the
     task inserted (preds.jsonl -> preds.hellaswag.jsonl). Other options go to run_task.
     Returns {"checkpoint", "step", "tokenizer", "device", "dtype", "results": {task: metrics}}."""
     from gptforge.checkpoint import load_model, resolve_checkpoint
-    from gptforge.common import pick_device, pick_dtype
 
     names = parse_tasks(tasks)
     data_for = data_per_task(data, names)
-    dev = pick_device(device)
-    autocast = pick_dtype(dtype, dev)
+    runtime = runtime or inference_runtime()
     path = resolve_checkpoint(Path(checkpoint))
-    model, tokenizer, meta = load_model(path, dev)
+    model, tokenizer, meta = load_model(path, runtime.device)
     choice_tasks = [n for n in names if n in TASKS]
     results = {}
     for name in names:
@@ -125,10 +125,21 @@ def evaluate_checkpoint(checkpoint: Union[str, Path], tasks: Union[str, Sequence
             pred_path = Path(predictions)
             if len(choice_tasks) > 1:
                 pred_path = pred_path.with_name(f"{pred_path.stem}.{name}{pred_path.suffix}")
-        results[name] = run_task(model, tokenizer, name, data=data_for[name], device=dev, dtype=autocast,
-                                 predictions=pred_path, **options)
+        results[name] = run_task(model, tokenizer, name, data=data_for[name], device=runtime.device,
+                                 dtype=runtime.dtype, predictions=pred_path, **options)
     return {"checkpoint": str(path), "step": meta.get("step"), "tokenizer": tokenizer.describe(),
-            "device": str(dev), "dtype": str(autocast).removeprefix("torch."), "results": results}
+            "device": str(runtime.device), "dtype": str(runtime.dtype).removeprefix("torch."), "results": results}
+
+
+def eval_command(options: EvalOptions) -> None:
+    """`gptforge eval`: the results table, and the report as JSON with --json."""
+    report = evaluate_checkpoint(
+        options.checkpoint, options.task, runtime=options.runtime(), predictions=options.predictions,
+        data=options.data, split=options.split, stride=options.stride, limit=options.limit,
+        batch_size=options.batch_size, prompt_format=options.prompt_format, progress=True)
+    print(format_results(report))
+    if options.json:
+        atomic_write_text(Path(options.json), json.dumps(jsonable(report), indent=2) + "\n")
 
 
 def format_results(report: dict) -> str:

@@ -32,6 +32,7 @@ from gptforge.files import contained_name, read_json, regular_file
 from gptforge.lora import merge_lora
 from gptforge.model import GPT
 from gptforge.interop.hf_tokenizer import save_hf_tokenizer
+from gptforge.options import ExportOptions
 from gptforge.tokenizer import Tokenizer
 
 CONFIG, SAFETENSORS, SAFETENSORS_INDEX, PT_BIN, PT_BIN_INDEX = (
@@ -254,18 +255,31 @@ def _load_torch_bin(path: Path, folder: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def export_command(options: ExportOptions) -> None:
+    """`gptforge export-hf`."""
+    out = export_hf(Path(options.checkpoint), Path(options.out))
+    print(f"exported {options.checkpoint} -> {out} (load with transformers' AutoModelForCausalLM.from_pretrained)")
+
+
 def export_hf(checkpoint: Path, out: Path) -> Path:
     """Write `out` so that transformers' AutoModelForCausalLM and AutoTokenizer load it offline: config.json,
     model.safetensors, generation_config.json and the tokenizer files (see hf_tokenizer.py). Written
     atomically: a failed export leaves any earlier folder as it was."""
     out = Path(out)
     refuse_to_replace(out, (CONFIG,), "a Hugging Face model folder")
-    model, tokenizer, meta = load_model(Path(checkpoint))
-    if meta.get("lora"):
-        merge_lora(model)  # transformers knows no adapters: export the weights they amount to
-    if meta.get("classifier"):
-        raise UserError(f"{checkpoint} is a classifier; export-hf writes language models only")
+    model, tokenizer = load_language_model(Path(checkpoint), "export-hf")
     return write_hf_folder(out, model, tokenizer)
+
+
+def load_language_model(checkpoint: Path, command: str) -> tuple[GPT, Tokenizer]:
+    """A checkpoint as the plain language model every export format describes: LoRA adapters folded into
+    the weights (no runtime outside gptforge knows them), classifiers refused (`command` names the caller)."""
+    model, tokenizer, meta = load_model(Path(checkpoint))
+    if meta.get("classifier"):
+        raise UserError(f"{checkpoint} is a classifier; {command} writes language models only")
+    if meta.get("lora"):
+        merge_lora(model)  # export the weights the adapters amount to
+    return model, tokenizer
 
 
 def write_hf_folder(out: Path, model: GPT, tokenizer: Tokenizer) -> Path:

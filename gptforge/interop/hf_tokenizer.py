@@ -31,7 +31,8 @@ _BYTE_TO_UNICODE = _bytes_to_unicode()  # GPT-2's byte -> printable character ta
 _UNICODE_TO_BYTE = {c: b for b, c in _BYTE_TO_UNICODE.items()}
 
 
-def _chars(token: bytes) -> str:
+def byte_level_text(token: bytes) -> str:
+    """Bytes as a byte-level BPE writes them (GPT-2's printable stand-in for each byte)."""
     return "".join(_BYTE_TO_UNICODE[b] for b in token)
 
 
@@ -45,7 +46,7 @@ def hf_tokenizer(tok: Tokenizer):
     elif tok.kind == "bpe":
         core = HFTokenizer.from_str(tok.tk.to_str())
     elif tok.kind == "byte":
-        core = _byte_level_bpe({_chars(bytes([b])): b for b in range(256)}, [])
+        core = _byte_level_bpe({byte_level_text(bytes([b])): b for b in range(256)}, [])
     elif tok.kind == "char":
         core = _char_core(tok.chars)
     else:
@@ -72,8 +73,8 @@ def _byte_level_bpe(vocab: dict[str, int], merges: list[tuple[str, str]]):
 
 def _gpt2_core(tok: GPT2Tokenizer):
     token_bytes = [tok.enc.decode_single_token_bytes(i) for i in range(tok.base_vocab_size)]
-    merges = [(_chars(a), _chars(b)) for a, b in merges_from_ranks(token_bytes)]
-    return _byte_level_bpe({_chars(t): i for i, t in enumerate(token_bytes)}, merges)
+    merges = [(byte_level_text(a), byte_level_text(b)) for a, b in merges_from_ranks(token_bytes)]
+    return _byte_level_bpe({byte_level_text(t): i for i, t in enumerate(token_bytes)}, merges)
 
 
 def merges_from_ranks(token_bytes: list[bytes]) -> list[tuple[bytes, bytes]]:
@@ -156,7 +157,7 @@ def _from_byte_level_bpe(data: dict) -> Optional[Tokenizer]:
     if n == 50256 and data.get("normalizer") is None:
         gpt2 = GPT2Tokenizer(names)
         by_id = sorted(vocab, key=vocab.get)
-        if all(_chars(gpt2.enc.decode_single_token_bytes(i)) == t for i, t in enumerate(by_id)):
+        if all(byte_level_text(gpt2.enc.decode_single_token_bytes(i)) == t for i, t in enumerate(by_id)):
             return gpt2  # GPT-2's vocabulary (hence its merges): use tiktoken, gptforge's gpt2 kind
     from tokenizers import Tokenizer as HFTokenizer
 

@@ -25,6 +25,7 @@ from gptforge.interop.hf import (SAFETENSORS, WEIGHT_FILES, is_hf_folder, model_
                                  read_hf_folder, state_from_hf)
 from gptforge.interop.hf_tokenizer import tokenizer_from_hf_folder
 from gptforge.interop.openai_tf import is_openai_folder, read_openai_folder
+from gptforge.options import ImportOptions
 from gptforge.tokenizer import GPT2Tokenizer, Tokenizer, build_tokenizer, load_tokenizer
 
 GPT2_VOCAB = 50257
@@ -33,6 +34,12 @@ HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 HUB_FILES = ["config.json", "model*.safetensors", "model.safetensors.index.json", "tokenizer.json",
              "tokenizer_config.json", "generation_config.json"]
 HUB_BIN_FILES = ["config.json", "pytorch_model*.bin", "pytorch_model.bin.index.json", "tokenizer.json"]
+
+
+def import_command(options: ImportOptions) -> None:
+    """`gptforge import-gpt2`."""
+    out = import_gpt2(options.source, Path(options.out), tokenizer=options.tokenizer, revision=options.revision)
+    print(f"imported {options.source} -> {out}")
 
 
 def import_gpt2(source: str, out: Path, tokenizer: Optional[str] = None, revision: Optional[str] = None) -> Path:

@@ -1,13 +1,17 @@
 """`gptforge serve`: an OpenAI-compatible HTTP API (and the web app in static/) over one engine.
 
-    app.py      FastAPI app factory and routes: limits, request -> engine job -> JSON or SSE; serve()
+    app.py      FastAPI app factory and routes over one AppState: request -> plan -> engine job -> JSON or
+                SSE (respond); serve()
+    requests.py the request side: body -> JSON -> validated OpenAI fields -> ids -> a Plan within the limits
+                (and the truncate_history extension)
+    replies.py  the reply side: job updates -> OpenAI's responses, stream chunks, logprobs; error bodies
     guard.py    who may ask what: Host allow-list, API key scope, security headers (an ASGI middleware)
     http.py     the connections under it: read/write timeouts, a connection cap, rate-limited logging
-    schemas.py  request validation and the OpenAI JSON shapes (responses, chunks, errors)
     worker.py   the engine's thread: a queue of jobs, continuous batching, cancellation
+    static/     the web app: index.html, style.css and native ES modules (app.js imports the rest)
 
 A leaf: only the CLI imports it. This module imports nothing heavy (no fastapi, no torch), so the CLI
-can build its options from ServeConfig at start-up.
+can build its options from ServeOptions at start-up.
 """
 
 from __future__ import annotations
@@ -15,10 +19,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+from gptforge.options import RuntimeOptions
 
-@dataclass
-class ServeConfig:
-    """Options of `gptforge serve`."""
+
+@dataclass(kw_only=True)
+class ServeConfig(RuntimeOptions):
+    """How the server runs; --device and --dtype come from RuntimeOptions, as in every command that runs a model."""
 
     host: str = "127.0.0.1"
     """Interface to listen on: 127.0.0.1 serves this machine only, 0.0.0.0 every interface."""
@@ -34,10 +40,6 @@ class ServeConfig:
     model_name: Optional[str] = None
     """Model id reported by /v1/models and in responses. Default: the checkpoint's (or run's) folder name.
     Requests may name any model: this server has one."""
-    device: str = "auto"
-    """cpu, cuda, mps or auto."""
-    dtype: str = "auto"
-    """Autocast dtype: auto (bfloat16 on capable GPUs, else float32), float32, bfloat16, float16."""
     threads: Optional[int] = None
     """CPU threads for the model's math (default: torch's choice, one per core). Small models on a
     shared machine often run faster with 1."""
@@ -63,3 +65,11 @@ class ServeConfig:
     streaming, an error event)."""
     log_level: str = "info"
     """uvicorn's log level: critical, error, warning, info, debug."""
+
+
+@dataclass
+class ServeOptions(ServeConfig):
+    """Serve a checkpoint over an OpenAI-compatible HTTP API, with a web app at /."""
+
+    checkpoint: str
+    """Checkpoint directory, or a run directory (uses best, else latest)."""

@@ -5,8 +5,11 @@
     GET  /v1/models              the one model
     GET  /v1/gptforge/info       what the web app shows: size, context, tokenizer, device, chat or not
     POST /v1/completions         text completion (prompt: string, strings, token ids)
-    POST /v1/chat/completions    chat, through the tokenizer's chat template
-Both POST routes stream with `stream: true` (server-sent events ending with `data: [DONE]`).
+    POST /v1/chat/completions    chat, through the tokenizer's chat template (`truncate_history: true`:
+                                 the oldest turns are left out to fit, see requests.py)
+Both POST routes stream with `stream: true` (server-sent events ending with `data: [DONE]`). Each route is
+a module-level function over the app's AppState: the request side (body, validation, limits: a Plan) is
+requests.py, the reply side (JSON shapes) replies.py; respond() runs a plan on the worker.
 
 Every error, expected or not, is OpenAI's JSON ({"error": {...}}) with a 4xx/5xx status; a request the
 server cannot take now (max_concurrent) is a 429 at once. A client that goes away (stream closed, or a
@@ -26,27 +29,25 @@ import sys
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator, Optional
+from typing import AsyncIterator, Optional
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.requests import ClientDisconnect
 
 from gptforge.common import UserError
-from gptforge.engine import InvalidParam, SamplingParams
-from gptforge.serve import ServeConfig
+from gptforge.serve import ServeConfig, ServeOptions
 from gptforge.serve.guard import Guard, allowed_hosts, api_key, is_loopback
 from gptforge.serve.http import Limits, QuietRepeats, RateLimit, connection_room, protocol_class, quiet_accept_errors
-from gptforge.serve.schemas import (APIError, ChatReply, ChatRequest, CompletionReply, CompletionRequest, Plan,
-                                    Reply, TokenText, error_body, message_list, new_id, parse_request,
-                                    prompt_list, stop_strings)
+from gptforge.serve.replies import APIError, ChatReply, CompletionReply, Reply, TokenText, error_body, new_id
+from gptforge.serve.requests import (ChatRequest, CompletionRequest, Plan, RequestLimits, chat_prompt,
+                                     completion_prompts, parse_request, plan_request, prompt_list, read_json)
 from gptforge.serve.worker import Done, Failed, GenerationWorker, Job, RowUpdate
-from gptforge.textgen import encode_prompts
 
 STATIC = Path(__file__).resolve().parent / "static"
+DROPPED_HEADER = "X-Gptforge-Dropped-Messages"  # truncate_history: how many messages were left out
 log = logging.getLogger("gptforge.serve")
 
 
@@ -65,13 +66,31 @@ class ServerInfo:
     chat: bool
 
 
+@dataclass
+class AppState:
+    """What the routes share, one per app (at app.state.gptforge): the engine's worker, the model, the
+    server's options, what one request may ask, and the requests in flight."""
+
+    worker: GenerationWorker
+    info: ServerInfo
+    config: ServeConfig
+    limits: RequestLimits
+    slots: "Slots"
+    names: TokenText  # how logprobs show tokens (cached)
+
+    @classmethod
+    def build(cls, worker: GenerationWorker, info: ServerInfo, config: ServeConfig) -> "AppState":
+        max_tokens = min(config.max_tokens or info.context_length, info.context_length)
+        limits = RequestLimits(info.context_length, info.vocab_size, max_tokens, config.max_batch_size)
+        return cls(worker, info, config, limits, Slots(config.max_concurrent), TokenText(worker.tokenizer))
+
+    @property
+    def tokenizer(self):
+        return self.worker.tokenizer
+
+
 def create_app(worker: GenerationWorker, info: ServerInfo, config: ServeConfig,
                rate: Optional[RateLimit] = None) -> FastAPI:
-    tokenizer = worker.tokenizer
-    names = TokenText(tokenizer)
-    slots = _Slots(config.max_concurrent)
-    max_tokens_limit = min(config.max_tokens or info.context_length, info.context_length)
-
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
         quiet_accept_errors(asyncio.get_running_loop(), rate or RateLimit())
@@ -80,126 +99,103 @@ def create_app(worker: GenerationWorker, info: ServerInfo, config: ServeConfig,
         worker.stop()
 
     app = FastAPI(title="gptforge", version="1", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.gptforge = AppState.build(worker, info, config)
     app.add_middleware(Guard, api_key=api_key(config), hosts=allowed_hosts(config))
     _add_error_handlers(app)
-
-    # --- pages and metadata ---------------------------------------------------------------------------
-    @app.get("/", include_in_schema=False)
-    async def index():
-        page = STATIC / "index.html"
-        if page.is_file():
-            return FileResponse(page)
-        return HTMLResponse(f"<!doctype html><title>gptforge</title><h1>gptforge: {info.model}</h1>"
-                            "<p>The web app is not installed; the API is at <code>/v1</code>.</p>")
-
+    app.get("/", include_in_schema=False)(index)
     app.mount("/static", StaticFiles(directory=STATIC, check_dir=False), name="static")
-
-    @app.get("/health")
-    async def health():
-        return {"status": "ok", "model": info.model, "running": worker.running, "queued": worker.queued,
-                "requests": slots.in_use}
-
-    @app.get("/v1/models")
-    async def models():
-        return {"object": "list", "data": [{"id": info.model, "object": "model", "created": 0,
-                                            "owned_by": "gptforge"}]}
-
-    @app.get("/v1/gptforge/info")
-    async def server_info():
-        limits = {"max_tokens": max_tokens_limit, "max_batch_size": config.max_batch_size,
-                  "max_concurrent": config.max_concurrent}
-        return {**dataclasses.asdict(info), "limits": limits}
-
-    # --- generation -----------------------------------------------------------------------------------
-    @app.post("/v1/completions")
-    async def completions(request: Request):
-        req = parse_request(CompletionRequest, await _read_json(request, config.max_body_bytes))
-        prompts = prompt_list(req.prompt)
-        ids = _encode(lambda: [encode_prompts(tokenizer, [p])[0] if isinstance(p, str) else p for p in prompts],
-                      "prompt")
-        # legacy logprobs count text_offset from the start of the prompt's text
-        chars = _encode(lambda: [len(p) if isinstance(p, str) else len(tokenizer.decode(p)) for p in prompts],
-                        "prompt") if req.logprobs is not None else [0] * len(prompts)
-        plan = _plan(req, ids, chars, req.max_tokens or 16, {tokenizer.eot_id}, req.logprobs, "prompt")
-        reply = CompletionReply(new_id("cmpl"), info.model, names, plan)
-        return await _respond(request, req, plan, reply)
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
-        req = parse_request(ChatRequest, await _read_json(request, config.max_body_bytes))
-        if not info.chat:
-            raise APIError(400, "this checkpoint has no chat template; fine-tune it with `gptforge finetune "
-                                "chat` or use /v1/completions", "messages", "no_chat_template")
-        messages = message_list(req.messages)
-        ids = _encode(lambda: [tokenizer.encode_chat(messages, add_generation_prompt=True)[0]], "messages")
-        asked = req.max_completion_tokens or req.max_tokens
-        room = max(1, min(max_tokens_limit, info.context_length - len(ids[0])))  # default: what fits
-        n_top = (req.top_logprobs or 0) if req.logprobs else None
-        plan = _plan(req, ids, [0], asked or room, set(tokenizer.chat_stop_ids), n_top, "messages")
-        reply = ChatReply(new_id("chatcmpl"), info.model, names, plan)
-        return await _respond(request, req, plan, reply)
-
-    def _plan(req, prompts: list[list[int]], chars: list[int], max_tokens: int, stop_ids: set[int],
-              n_top: Optional[int], prompt_param: str) -> Plan:
-        """Check limits and context; build the rows and sampling params (a 400 for anything wrong)."""
-        param = "max_completion_tokens" if getattr(req, "max_completion_tokens", None) else "max_tokens"
-        if max_tokens > max_tokens_limit:
-            raise APIError(400, f"Invalid value for '{param}': {max_tokens} is more than this server allows "
-                                f"({max_tokens_limit})", param)
-        n = req.n or 1
-        if n * len(prompts) > config.max_batch_size:
-            raise APIError(400, f"Invalid value for 'n': {n} choices for {len(prompts)} prompt(s) is more than "
-                                f"the server's max_batch_size of {config.max_batch_size}", "n")
-        for p in prompts:
-            if len(p) + max_tokens > info.context_length:
-                raise APIError(400, f"This model's maximum context length is {info.context_length} tokens. "
-                                    f"However, you requested {len(p) + max_tokens} tokens ({len(p)} in the "
-                                    f"prompt, {max_tokens} for the completion). Please reduce the length of "
-                                    f"the prompt or the completion.", prompt_param, "context_length_exceeded")
-            bad = next((t for t in p if not 0 <= t < info.vocab_size), None)
-            if bad is not None:
-                raise APIError(400, f"Invalid value for 'prompt': token id {bad} is outside the vocabulary "
-                                    f"(0..{info.vocab_size - 1})", prompt_param)
-        try:
-            params = SamplingParams(
-                max_new_tokens=max_tokens, temperature=1.0 if req.temperature is None else req.temperature,
-                top_k=req.top_k if req.top_k and req.top_k > 0 else None,
-                top_p=None if req.top_p in (None, 1) else req.top_p,
-                repetition_penalty=req.repetition_penalty or 1.0,
-                presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
-                stop_token_ids=frozenset(stop_ids), seed=req.seed)
-        except InvalidParam as e:
-            name = param if e.name == "max_new_tokens" else e.name
-            raise APIError(400, f"Invalid value for '{name}': {e}", name) from None
-        rows = [list(p) for p in prompts for _ in range(n)]
-        return Plan(rows, params, stop_strings(req.stop), n_top, sum(map(len, prompts)),
-                    [c for c in chars for _ in range(n)])
-
-    async def _respond(request: Request, req, plan: Plan, reply: "Reply"):
-        """Run the plan as a job: a JSON response, or an event stream once the first tokens are there (so
-        an error before them still gets its proper status)."""
-        slot = slots.take()
-        job = Job(plan.rows, plan.params, plan.stops, plan.logprobs)
-        worker.submit(job)
-        deadline, timeout = asyncio.get_running_loop().time() + config.request_timeout, config.request_timeout
-        streaming = False
-        try:
-            async with _DisconnectWatch(request) as watch:
-                event = await _next_event(job, deadline, timeout, watch)
-                if not req.stream:
-                    while event is not None:
-                        reply.add(event)
-                        event = await _next_event(job, deadline, timeout, watch)
-                    return JSONResponse(reply.response())
-            streaming = True
-            return _SSEResponse(_sse(job, reply, event, deadline, timeout, req.include_usage),
-                                on_close=lambda: (worker.cancel(job), slot.release()))
-        finally:
-            if not streaming:
-                worker.cancel(job)  # a no-op for a finished job
-                slot.release()
-
+    app.get("/health")(health)
+    app.get("/v1/models")(models)
+    app.get("/v1/gptforge/info")(server_info)
+    app.post("/v1/completions")(completions)
+    app.post("/v1/chat/completions")(chat_completions)
     return app
+
+
+def _state(request: Request) -> AppState:
+    return request.app.state.gptforge
+
+
+# --- pages and metadata ----------------------------------------------------------------------------------
+async def index(request: Request):
+    page = STATIC / "index.html"
+    if page.is_file():
+        return FileResponse(page)
+    return HTMLResponse(f"<!doctype html><title>gptforge</title><h1>gptforge: {_state(request).info.model}</h1>"
+                        "<p>The web app is not installed; the API is at <code>/v1</code>.</p>")
+
+
+async def health(request: Request):
+    s = _state(request)
+    return {"status": "ok", "model": s.info.model, "running": s.worker.running, "queued": s.worker.queued,
+            "requests": s.slots.in_use}
+
+
+async def models(request: Request):
+    return {"object": "list", "data": [{"id": _state(request).info.model, "object": "model", "created": 0,
+                                        "owned_by": "gptforge"}]}
+
+
+async def server_info(request: Request):
+    s = _state(request)
+    limits = {"max_tokens": s.limits.max_tokens, "max_batch_size": s.config.max_batch_size,
+              "max_concurrent": s.config.max_concurrent}
+    return {**dataclasses.asdict(s.info), "limits": limits}
+
+
+# --- generation ------------------------------------------------------------------------------------------
+async def completions(request: Request):
+    s = _state(request)
+    req = parse_request(CompletionRequest, await read_json(request, s.config.max_body_bytes))
+    ids, chars = completion_prompts(s.tokenizer, prompt_list(req.prompt), req.logprobs is not None)
+    plan = plan_request(req, ids, s.limits, req.max_tokens or 16, {s.tokenizer.eot_id}, req.logprobs, "prompt",
+                        chars)
+    return await respond(s, request, req, plan, CompletionReply(new_id("cmpl"), s.info.model, s.names, plan))
+
+
+async def chat_completions(request: Request):
+    s = _state(request)
+    req = parse_request(ChatRequest, await read_json(request, s.config.max_body_bytes))
+    if not s.info.chat:
+        raise APIError(400, "this checkpoint has no chat template; fine-tune it with `gptforge finetune "
+                            "chat` or use /v1/completions", "messages", "no_chat_template")
+    ids, dropped = chat_prompt(s.tokenizer, req, s.limits)
+    room = max(1, min(s.limits.max_tokens, s.limits.context_length - len(ids)))  # default: what fits
+    n_top = (req.top_logprobs or 0) if req.logprobs else None
+    plan = plan_request(req, [ids], s.limits, req.max_completion_tokens or req.max_tokens or room,
+                        set(s.tokenizer.chat_stop_ids), n_top, "messages")
+    reply = ChatReply(new_id("chatcmpl"), s.info.model, s.names, plan)
+    if dropped is None:
+        return await respond(s, request, req, plan, reply)
+    reply.extension = {"dropped_messages": dropped}
+    return await respond(s, request, req, plan, reply, {DROPPED_HEADER: str(dropped)})
+
+
+async def respond(state: AppState, request: Request, req, plan: Plan, reply: Reply,
+                  headers: Optional[dict[str, str]] = None):
+    """Run the plan as a job: a JSON response, or an event stream once the first tokens are there (so
+    an error before them still gets its proper status)."""
+    slot = state.slots.take()
+    job = Job(plan.rows, plan.params, plan.stops, plan.logprobs)
+    state.worker.submit(job)
+    timeout = state.config.request_timeout
+    deadline = asyncio.get_running_loop().time() + timeout
+    streaming = False
+    try:
+        async with _DisconnectWatch(request) as watch:
+            event = await _next_event(job, deadline, timeout, watch)
+            if not req.stream:
+                while event is not None:
+                    reply.add(event)
+                    event = await _next_event(job, deadline, timeout, watch)
+                return JSONResponse(reply.response(), headers=headers)
+        streaming = True
+        return _SSEResponse(_sse(job, reply, event, deadline, timeout, req.include_usage), headers,
+                            on_close=lambda: (state.worker.cancel(job), slot.release()))
+    finally:
+        if not streaming:
+            state.worker.cancel(job)  # a no-op for a finished job
+            slot.release()
 
 
 # --- streaming -------------------------------------------------------------------------------------------
@@ -230,9 +226,9 @@ def _data(chunk: dict, include_usage: bool) -> str:
 class _SSEResponse(StreamingResponse):
     """Server-sent events; `on_close` runs however the response ends (finished, client gone, error)."""
 
-    def __init__(self, content, on_close):
+    def __init__(self, content, headers: Optional[dict[str, str]], on_close):
         super().__init__(content, media_type="text/event-stream",
-                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **(headers or {})})
         self.on_close = on_close
 
     async def __call__(self, scope, receive, send):
@@ -295,7 +291,7 @@ class _DisconnectWatch:
             pass
 
 
-class _Slots:
+class Slots:
     """Requests in flight (queued or running), capped at max_concurrent: more get a 429 at once."""
 
     def __init__(self, limit: int):
@@ -310,7 +306,7 @@ class _Slots:
 
 
 class _Slot:
-    def __init__(self, slots: _Slots):
+    def __init__(self, slots: Slots):
         self.slots, self.held = slots, True
 
     def release(self) -> None:
@@ -319,54 +315,7 @@ class _Slot:
             self.slots.in_use -= 1
 
 
-# --- request plumbing --------------------------------------------------------------------------------------
-async def _read_json(request: Request, limit: int) -> Any:
-    """The body as JSON, refusing bodies over `limit` bytes (413) before reading them whole, and bodies not
-    sent as JSON (415; a cross-origin page may send text/plain without a preflight)."""
-    kind = request.headers.get("content-type", "").partition(";")[0].strip().lower()
-    if kind != "application/json" and not (kind.startswith("application/") and kind.endswith("+json")):
-        raise APIError(415, "send the request body as JSON, with 'Content-Type: application/json' (got "
-                            f"{kind[:60] or 'no content type'!r})", None, "unsupported_media_type")
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise APIError(413, f"the request body is {int(declared)} bytes; this server accepts at most {limit}",
-                       None, "request_too_large")
-    body = bytearray()
-    try:
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > limit:
-                raise APIError(413, f"the request body is over {limit} bytes, the most this server accepts",
-                               None, "request_too_large")
-    except ClientDisconnect:  # normal: the answer goes nowhere, and it is no error of the server's
-        log.debug("a client closed its connection while sending a request body")
-        raise APIError(499, "the client closed the connection", None, "client_closed_request") from None
-    if not body:
-        raise APIError(400, "the request body is empty; send a JSON object")
-    try:
-        text = bytes(body).decode("utf-8")
-    except UnicodeDecodeError:
-        raise APIError(400, "the request body is not valid UTF-8") from None
-    try:
-        return json.loads(text, parse_constant=_no_constants)
-    except ValueError as e:
-        raise APIError(400, f"the request body is not valid JSON: {e}") from None
-    except RecursionError:
-        raise APIError(400, "the request body is nested too deeply") from None
-
-
-def _no_constants(name: str):
-    raise ValueError(f"{name} is not a JSON number")
-
-
-def _encode(encode, param: str) -> list[list[int]]:
-    """Run a tokenizer call, turning its complaints (unknown characters, bad roles) into a 400."""
-    try:
-        return encode()
-    except UserError as e:
-        raise APIError(400, f"Invalid value for '{param}': {e}", param) from None
-
-
+# --- errors ----------------------------------------------------------------------------------------------
 def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def api_error(_request, exc: APIError):
@@ -390,13 +339,13 @@ def _add_error_handlers(app: FastAPI) -> None:
 
 
 # --- running it ------------------------------------------------------------------------------------------
-def serve(checkpoint: str, config: ServeConfig) -> None:
-    """Load a checkpoint (or a run's best/latest) and serve it until interrupted."""
+def serve(config: ServeOptions) -> None:
+    """Load a checkpoint (or a run's best/latest) and serve it until interrupted (`gptforge serve`)."""
     import torch
     import uvicorn
 
     from gptforge.checkpoint import load_model, resolve_checkpoint
-    from gptforge.common import human_count, pick_device, pick_dtype
+    from gptforge.common import human_count, inference_runtime
     from gptforge.engine import Engine
     from gptforge.model import count_parameters
 
@@ -408,16 +357,15 @@ def serve(checkpoint: str, config: ServeConfig) -> None:
     limits = Limits(config.header_timeout, config.body_timeout, config.write_timeout, max_connections)
     if config.threads:
         torch.set_num_threads(config.threads)
-    path = resolve_checkpoint(Path(checkpoint))
-    device = pick_device(config.device)
-    dtype = pick_dtype(config.dtype, device)
-    model, tokenizer, _ = load_model(path, device)
-    engine = Engine(model, device=device, dtype=dtype)
+    path = resolve_checkpoint(Path(config.checkpoint))
+    runtime = inference_runtime(config.device, config.dtype)
+    model, tokenizer, _ = load_model(path, runtime.device)
+    engine = Engine(model, runtime)
     info = ServerInfo(
         model=config.model_name or default_model_name(path), checkpoint=str(path),
         parameters=count_parameters(model), context_length=model.config.block_size,
-        vocab_size=model.config.vocab_size, tokenizer=tokenizer.describe(), device=str(device),
-        dtype=str(dtype).removeprefix("torch."), chat=bool(getattr(tokenizer, "has_chat_template", False)))
+        vocab_size=model.config.vocab_size, tokenizer=tokenizer.describe(), device=str(runtime.device),
+        dtype=str(runtime.dtype).removeprefix("torch."), chat=bool(getattr(tokenizer, "has_chat_template", False)))
     rate = RateLimit()
     _log_like_uvicorn(config.log_level, rate)
     app = create_app(GenerationWorker(engine, tokenizer, config.max_batch_size), info, config, rate)

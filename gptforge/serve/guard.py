@@ -8,7 +8,7 @@
 - Security headers on every response: a Content-Security-Policy that lets the web app load only its own
   files and talk only to this server, and no framing (clickjacking).
 - HEAD is answered as GET without the body (uvicorn drops it), on every GET route.
-The JSON routes also refuse bodies without a JSON content type (app.read_json): a web page can POST
+The JSON routes also refuse bodies without a JSON content type (requests.read_json): a web page can POST
 text/plain to any server without asking, but a JSON POST to another origin needs a CORS preflight, which
 this server never grants.
 """
@@ -26,7 +26,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gptforge.common import UserError
 from gptforge.serve import ServeConfig
-from gptforge.serve.schemas import APIError
+from gptforge.serve.replies import APIError
 
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 SECURITY_HEADERS = [

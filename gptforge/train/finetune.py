@@ -17,20 +17,17 @@ from typing import Optional
 
 import torch
 
-from gptforge.checkpoint import (MODEL_CONFIG, base_fingerprint, load_model, refuse_to_replace, resolve_checkpoint,
-                                 run_checkpoint)
+from gptforge.checkpoint import FINETUNE_META, base_fingerprint, load_model, resolve_checkpoint, run_checkpoint
 from gptforge.common import Runtime, UserError, atomic_write_text, seed_everything, setup_runtime, teardown_runtime
-from gptforge.config import FINETUNE_MODES, FinetuneConfig, SampleConfig, TrainConfig
+from gptforge.config import FinetuneConfig, SampleConfig, TrainConfig
 from gptforge.lora import LoRAConfig, apply_lora, count_trainable, has_lora
 from gptforge.model import GPT
+from gptforge.options import FinetuneOptions
 from gptforge.textgen import generate_text
 from gptforge.train.loop import LoopResult, resumed_accumulation, train_loop
-from gptforge.train.metrics import plot_losses
+from gptforge.train.metrics import plot_losses, plot_sweep
 from gptforge.train.modes import MODES, Mode
 from gptforge.train.sharded import load_for_training
-
-FINETUNE_META = "finetune"
-
 
 @dataclasses.dataclass
 class FinetuneResult:
@@ -45,8 +42,8 @@ class FinetuneResult:
 def run_finetune(mode: str, base: str, ft: FinetuneConfig, tc: TrainConfig,
                  sample: Optional[SampleConfig] = None, runtime: Optional[Runtime] = None) -> FinetuneResult:
     """Fine-tune `base` (a checkpoint or run directory) in `mode`; rerunning the same call resumes."""
-    if mode not in FINETUNE_MODES:
-        raise UserError(f"unknown fine-tuning mode '{mode}'; use {', '.join(FINETUNE_MODES)}")
+    if mode not in MODES:
+        raise UserError(f"unknown fine-tuning mode '{mode}'; use {', '.join(MODES)}")
     if not ft.data:
         raise UserError("fine-tuning needs data: --finetune.data PATH")
     sample = sample or SampleConfig()
@@ -161,9 +158,8 @@ def _has_metrics(mode: Mode) -> bool:
 def _set_trainable(model: GPT, mode: Mode, ft: FinetuneConfig) -> Optional[LoRAConfig]:
     """LoRA (adapters + head train), or only the last N blocks + final norm + head, or everything."""
     lora = None
-    if ft.lora_rank:
-        lora = LoRAConfig(rank=ft.lora_rank, alpha=ft.lora_alpha, dropout=ft.lora_dropout,
-                          targets=list(ft.lora_targets)).validate()
+    if ft.lora.rank:
+        lora = dataclasses.replace(ft.lora, targets=list(ft.lora.targets)).validate()
         if not has_lora(model):
             apply_lora(model, lora)
         head = tuple(mode.trainable_head())
@@ -177,8 +173,8 @@ def _set_trainable(model: GPT, mode: Mode, ft: FinetuneConfig) -> Optional[LoRAC
         keep += ("transformer.ln_f.", *mode.trainable_head())
         for name, p in model.named_parameters():
             p.requires_grad_(name.startswith(keep))
-    if has_lora(model) and not ft.lora_rank:
-        raise UserError("this run trains LoRA adapters; keep --finetune.lora_rank to resume it")
+    if has_lora(model) and not ft.lora.rank:
+        raise UserError("this run trains LoRA adapters; keep --finetune.lora.rank to resume it")
     return lora
 
 
@@ -227,43 +223,33 @@ def lr_sweep(mode: str, base: str, ft: FinetuneConfig, tc: TrainConfig, sample: 
         runtime.print(f"  lr {lr:<10g} val loss {val:.4f}  train loss {res.loop.train_loss:.4f}")
     if runtime.is_main:
         atomic_write_text(root / "sweep.json", json.dumps(rows, indent=2) + "\n")
-        _plot_sweep(rows, root / "sweep.png")
+        plot_sweep(rows, root / "sweep.png")
         runtime.print("\n".join(["", f"{'lr':>10}  {'val loss':>9}  {'train loss':>10}"]
                                 + [f"{r['lr']:>10g}  {r['val_loss']:>9.4f}  {r['train_loss']:>10.4f}" for r in rows]))
     return rows
 
 
-def _plot_sweep(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-    ax.plot([r["lr"] for r in rows], [r["val_loss"] for r in rows], marker="o", label="validation")
-    ax.plot([r["lr"] for r in rows], [r["train_loss"] for r in rows], marker="o", label="train", alpha=0.6)
-    ax.set_xscale("log")
-    ax.set_xlabel("learning rate")
-    ax.set_ylabel("loss after the trial")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-
-
-# --- merging adapters ---------------------------------------------------------------------------------
-def merge_lora_checkpoint(path: Path, out: Path) -> Path:
-    """A LoRA checkpoint -> a plain checkpoint with the adapters folded into the weights."""
-    from gptforge.checkpoint import save_checkpoint
-    from gptforge.lora import merge_lora
-
-    refuse_to_replace(Path(out), (MODEL_CONFIG,), "a gptforge checkpoint")
-    model, tokenizer, meta = load_model(path, "cpu")
-    if not meta.get("lora"):
-        raise UserError(f"{path} has no LoRA adapters to merge; it is already a full checkpoint")
-    merge_lora(model)
-    kept = {k: v for k, v in meta.items() if k in (FINETUNE_META, "classifier")}
-    save_checkpoint(Path(out), model, tokenizer, step=meta.get("step", 0), val_loss=meta.get("val_loss"),
-                    extra_meta={**kept, "merged_from": str(Path(path).resolve())})
-    return Path(out)
+# --- the command ----------------------------------------------------------------------------------------
+def finetune_command(options: FinetuneOptions) -> None:
+    """`gptforge finetune`: --data is short for --finetune.data; an explicit --train.max_steps wins over
+    --finetune.epochs. Prints what was trained and the mode's report."""
+    ft = dataclasses.replace(options.finetune, data=options.data or options.finetune.data)
+    tc = options.train
+    if tc.max_steps is None:
+        tc = dataclasses.replace(tc, max_steps=TrainConfig.max_steps)
+    else:
+        ft.epochs = 0
+    result = run_finetune(options.mode, options.base, ft, tc, options.sample)
+    print(f"done: {result.loop.summary()}; {result.trainable:,} of {result.total:,} parameters trained; "
+          f"run directory {result.run_dir}")
+    for split in ("train", "val", "test"):
+        if isinstance(result.report.get(split), dict):
+            stats = result.report[split]
+            print(f"{split:>5}: accuracy {stats['acc']:.4f}, loss {stats['loss']:.4f} ({stats['n']} examples)")
+    if "confusion" in (result.report.get("test") or {}):
+        labels = result.report["labels"]
+        print("test confusion matrix (rows: true, columns: predicted): " + ", ".join(labels))
+        for name, row in zip(labels, result.report["test"]["confusion"]):
+            print(f"  {name:>12} " + " ".join(f"{n:>6}" for n in row))
+    if "test_responses" in result.report:
+        print(f"test-set responses: {result.report['test_responses']}")

@@ -70,3 +70,23 @@ def plot_losses(records: list[dict[str, Any]], path: Path) -> None:
     fig.savefig(tmp)
     plt.close(fig)
     tmp.replace(path)
+
+
+def plot_sweep(rows: list[dict], path: Path) -> None:
+    """A learning-rate sweep's losses after each trial against the rate (log scale), to a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    ax.plot([r["lr"] for r in rows], [r["val_loss"] for r in rows], marker="o", label="validation")
+    ax.plot([r["lr"] for r in rows], [r["train_loss"] for r in rows], marker="o", label="train", alpha=0.6)
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("loss after the trial")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -1,29 +1,34 @@
 """What differs between fine-tuning modes: how data is read and batched, which tokens and head a model
 gets, what a periodic sample looks like, what is measured and reported. Everything else (loading,
 LoRA, the loop, checkpoints, resume, sweeps) is shared, in finetune.py.
+
+MODES, at the end, is the one list of modes: `gptforge finetune`'s choices and help come from it. So that
+the CLI can read it at start-up, this module imports torch, the batch builders and the model only inside
+the methods that use them.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
-
-import torch
+from typing import TYPE_CHECKING, Optional
 
 from gptforge.common import Runtime, UserError, atomic_write_text
 from gptforge.config import FinetuneConfig, SampleConfig
-from gptforge.data import batches as B
-from gptforge.data import finetune as D
-from gptforge.model import GPT, GPTClassifier
-from gptforge.textgen import generate_text
-from gptforge.tokenizer import Tokenizer
+from gptforge.data.examples import (parse_delimiters, read_conversations, read_instructions, read_labeled,
+                                    read_text_corpus, split_examples)
+
+if TYPE_CHECKING:
+    from gptforge.data.batches import Encoded, EpochBatches
+    from gptforge.model import GPT
+    from gptforge.tokenizer import Tokenizer
 
 SPLITS = ("train", "val", "test")
 
 
 class Mode:
     name: str
+    summary: str  # a few words for `gptforge finetune --help`
     val_fraction: float
     test_fraction: float = 0.0
 
@@ -43,13 +48,13 @@ class Mode:
         ft = self.ft
         val = self.val_fraction if ft.val_fraction is None else ft.val_fraction
         test = self.test_fraction if ft.test_fraction is None else ft.test_fraction
-        return D.split_examples(examples, val, test, seed=ft.split_seed, labels=self.labels_of(examples))
+        return split_examples(examples, val, test, seed=ft.split_seed, labels=self.labels_of(examples))
 
     def add_tokens(self, tokenizer: Tokenizer, splits: dict[str, list]) -> None:
         """Special tokens the mode needs (chat roles, document tags); the model's vocabulary follows."""
 
     def batches(self, examples: list, tokenizer: Tokenizer, block_size: int, batch_size: int, seed: int,
-                runtime: Runtime, training: bool) -> B.EpochBatches:
+                runtime: Runtime, training: bool) -> EpochBatches:
         raise NotImplementedError
 
     # --- model --------------------------------------------------------------------------------------
@@ -67,23 +72,23 @@ class Mode:
     def sample_prompt(self, tokenizer: Tokenizer, splits: dict[str, list]) -> Optional[list[int]]:
         return None
 
-    def metrics(self, model: GPT, sources: dict[str, B.EpochBatches], runtime: Runtime) -> dict:
+    def metrics(self, model: GPT, sources: dict[str, EpochBatches], runtime: Runtime) -> dict:
         return {}
 
     def finish(self, model: GPT, tokenizer: Tokenizer, splits: dict[str, list],
-               sources: dict[str, B.EpochBatches], run_dir: Path, sample: SampleConfig, runtime: Runtime) -> dict:
+               sources: dict[str, EpochBatches], run_dir: Path, sample: SampleConfig, runtime: Runtime) -> dict:
         return {}
 
 
 class TextMode(Mode):
     """Domain text: documents packed into block-sized windows with end-of-text separators."""
 
-    name, val_fraction = "text", 0.1
+    name, summary, val_fraction = "text", "domain text", 0.1
 
     def read(self) -> list:
         spec = self.ft.delimiters
-        delimiters = D.parse_delimiters(spec, "--finetune.delimiters") if spec else None
-        return D.read_text_corpus(self.ft.data, documents=self.ft.documents, delimiters=delimiters).documents
+        delimiters = parse_delimiters(spec, "--finetune.delimiters") if spec else None
+        return read_text_corpus(self.ft.data, documents=self.ft.documents, delimiters=delimiters).documents
 
     def add_tokens(self, tokenizer, splits):
         tags = sorted({doc.tag for docs in splits.values() for doc in docs if doc.tag is not None})
@@ -91,7 +96,9 @@ class TextMode(Mode):
             tokenizer.add_tag_tokens(tags)
 
     def batches(self, examples, tokenizer, block_size, batch_size, seed, runtime, training):
-        return B.PackedTextBatches(B.pack_documents(examples, tokenizer), block_size, batch_size,
+        from gptforge.data.batches import PackedTextBatches, pack_documents
+
+        return PackedTextBatches(pack_documents(examples, tokenizer), block_size, batch_size,
                                    pad_id=tokenizer.eot_id, seed=seed, rank=runtime.rank,
                                    world_size=runtime.world_size, device=runtime.device)
 
@@ -103,14 +110,14 @@ class TextMode(Mode):
 class ClassifyMode(Mode):
     """A classification head over the last real token; accuracy per split, a confusion matrix."""
 
-    name, val_fraction, test_fraction = "classify", 0.1, 0.2
+    name, summary, val_fraction, test_fraction = "classify", "a classification head", 0.1, 0.2
 
     def __init__(self, ft: FinetuneConfig, labels: Optional[list[str]] = None):
         super().__init__(ft)
         self.labels = labels
 
     def read(self) -> list:
-        data = D.read_labeled(self.ft.data, text_field=self.ft.text_field, label_field=self.ft.label_field)
+        data = read_labeled(self.ft.data, text_field=self.ft.text_field, label_field=self.ft.label_field)
         if len(data.class_names) < 2:
             raise UserError(f"{self.ft.data} has a single class ({data.class_names[0]!r}); a classifier needs two or more")
         if self.labels is not None and list(data.class_names) != self.labels:
@@ -123,12 +130,18 @@ class ClassifyMode(Mode):
         return [ex.label for ex in examples]
 
     def batches(self, examples, tokenizer, block_size, batch_size, seed, runtime, training):
-        encoded = B.encode_labeled(examples, tokenizer, self.labels, block_size, keep=self.ft.truncate)
-        return B.ClassifyBatches(encoded.sequences, len(self.labels), batch_size,
+        from gptforge.data.batches import ClassifyBatches, encode_labeled
+
+        encoded = encode_labeled(examples, tokenizer, self.labels, block_size, keep=self.ft.truncate)
+        return ClassifyBatches(encoded.sequences, len(self.labels), batch_size,
                                  balance=self.ft.balance if training else "none", seed=seed, rank=runtime.rank,
                                  world_size=runtime.world_size, device=runtime.device)
 
     def build_model(self, base: GPT) -> GPT:
+        import torch
+
+        from gptforge.model import GPTClassifier
+
         if isinstance(base, GPTClassifier) and base.classifier.out_features == len(self.labels):
             base.init_classifier()  # a new task: the body is reused, the head starts afresh
             return base
@@ -167,9 +180,11 @@ class ClassifyMode(Mode):
         return report
 
 
-def classify_stats(model: GPT, source: B.EpochBatches, n_classes: int, runtime: Runtime,
+def classify_stats(model: GPT, source: EpochBatches, n_classes: int, runtime: Runtime,
                    max_batches: Optional[int] = None) -> dict:
     """Accuracy, mean loss and the confusion matrix (rows: true class, columns: predicted) on a split."""
+    import torch
+
     was_training = model.training
     model.eval()
     confusion = torch.zeros(n_classes, n_classes, dtype=torch.long)
@@ -187,25 +202,10 @@ def classify_stats(model: GPT, source: B.EpochBatches, n_classes: int, runtime: 
             "confusion": confusion.tolist()}
 
 
-def classify_texts(model: GPTClassifier, tokenizer: Tokenizer, texts: list[str], labels: list[str],
-                   device, keep: str = "start") -> list[dict]:
-    """Texts -> [{label, probabilities {name: p}}] with a trained classifier (gptforge classify)."""
-    encoded = B.encode_labeled([D.LabeledText(t, labels[0]) for t in texts], tokenizer, labels,
-                               model.config.block_size, keep=keep)
-    width = max(len(ids) for ids, _ in encoded.sequences)
-    x = torch.full((len(texts), width), -1, dtype=torch.long)
-    for row, (ids, _) in enumerate(encoded.sequences):
-        x[row, :len(ids)] = torch.tensor(ids)
-    model.eval()
-    with torch.no_grad():
-        probs = torch.softmax(model(x.to(device))[0].float(), dim=-1).cpu()
-    return [{"label": labels[int(p.argmax())], "probabilities": dict(zip(labels, map(float, p)))} for p in probs]
-
-
 class SFTMode(Mode):
     """Supervised fine-tuning on (prompt, response) sequences whose loss mask the tokenizer owns."""
 
-    def encode(self, examples: list, tokenizer: Tokenizer, block_size: int) -> B.Encoded:
+    def encode(self, examples: list, tokenizer: Tokenizer, block_size: int) -> Encoded:
         raise NotImplementedError
 
     def batches(self, examples, tokenizer, block_size, batch_size, seed, runtime, training):
@@ -218,26 +218,32 @@ class SFTMode(Mode):
                 raise UserError(f"every {self.name} training example is too long for the model's "
                                 f"{block_size}-token context; use a model with a longer context or shorter data")
             return None  # a held-out split with nothing that fits is skipped
-        return B.SFTBatches(encoded.sequences, batch_size, pad_id=tokenizer.eot_id, seed=seed,
+        from gptforge.data.batches import SFTBatches
+
+        return SFTBatches(encoded.sequences, batch_size, pad_id=tokenizer.eot_id, seed=seed,
                             rank=runtime.rank, world_size=runtime.world_size, device=runtime.device)
 
 
 class InstructMode(SFTMode):
     """Alpaca-style instructions; after training, responses to the test split go to test_responses.jsonl."""
 
-    name, val_fraction, test_fraction = "instruct", 0.05, 0.1
+    name, summary, val_fraction, test_fraction = "instruct", "Alpaca-style SFT", 0.05, 0.1
 
     def read(self):
-        return D.read_instructions(self.ft.data)
+        return read_instructions(self.ft.data)
 
     def encode(self, examples, tokenizer, block_size):
-        return B.encode_instructions(examples, tokenizer, block_size)
+        from gptforge.data.batches import encode_instructions
+
+        return encode_instructions(examples, tokenizer, block_size)
 
     def sample_prompt(self, tokenizer, splits):
         first = (splits["val"] or splits["train"])[0]
         return tokenizer.encode_instruction(first, with_response=False)[0]
 
     def finish(self, model, tokenizer, splits, sources, run_dir, sample, runtime):
+        from gptforge.textgen import generate_text
+
         tests = splits["test"]
         if not tests:
             return {}
@@ -253,16 +259,18 @@ class InstructMode(SFTMode):
 class ChatMode(SFTMode):
     """Multi-turn chat: role tokens added to the tokenizer, loss on assistant turns only."""
 
-    name, val_fraction, test_fraction = "chat", 0.05, 0.05
+    name, summary, val_fraction, test_fraction = "chat", "multi-turn SFT", 0.05, 0.05
 
     def read(self):
-        return D.read_conversations(self.ft.data, oasst_paths=self.ft.oasst_paths)
+        return read_conversations(self.ft.data, oasst_paths=self.ft.oasst_paths)
 
     def add_tokens(self, tokenizer, splits):
         tokenizer.add_chat_tokens()
 
     def encode(self, examples, tokenizer, block_size):
-        return B.encode_conversations(examples, tokenizer, block_size)
+        from gptforge.data.batches import encode_conversations
+
+        return encode_conversations(examples, tokenizer, block_size)
 
     def sample_prompt(self, tokenizer, splits):
         first = (splits["val"] or splits["train"])[0]
@@ -276,4 +284,4 @@ def _greedy(sample: SampleConfig, max_new_tokens: int) -> SampleConfig:
     return dataclasses.replace(sample, max_new_tokens=max_new_tokens, temperature=0.0, num_samples=1, stop=[])
 
 
-MODES = {"text": TextMode, "classify": ClassifyMode, "instruct": InstructMode, "chat": ChatMode}
+MODES: dict[str, type[Mode]] = {mode.name: mode for mode in (TextMode, ClassifyMode, InstructMode, ChatMode)}

@@ -32,6 +32,7 @@ from gptforge.checkpoint import (SHARDS, TRAINER_DIR, WEIGHTS, describe_checkpoi
 from gptforge.common import Runtime, UserError, write_dir_atomically
 from gptforge.files import read_json, regular_file
 from gptforge.model import GPT
+from gptforge.options import ConsolidateOptions
 from gptforge.tokenizer import Tokenizer
 
 SHARD_FILE = re.compile(r"shard-\d{5}-model-\d{5}-of-\d{5}\.safetensors")
@@ -236,6 +237,11 @@ def consolidate(path: Path) -> Path:
 
     write_dir_atomically(path, fill, size_hint=sum(t.nbytes for t in weights.values()))
     return path
+
+
+def consolidate_command(options: ConsolidateOptions) -> None:
+    """`gptforge consolidate`."""
+    print(f"consolidated {consolidate(Path(options.checkpoint))}")
 
 
 def _link_tree(source: Path, dest: Path) -> None:

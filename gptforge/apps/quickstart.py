@@ -12,6 +12,7 @@ import torch
 from gptforge.common import setup_runtime
 from gptforge.config import DataConfig, ModelConfig, RunConfig, SampleConfig, TrainConfig
 from gptforge.model import GPT
+from gptforge.options import QuickstartOptions
 
 # A character-level model: learns spelling, verse layout and speaker names within minutes on a laptop CPU.
 QUICKSTART_MODEL = ModelConfig(n_layer=4, n_head=4, n_embd=192, block_size=128, dropout=0.0, bias=False)
@@ -44,18 +45,23 @@ def steps_for_budget(step_s: float, minutes: float) -> int:
     return max(50, int(0.9 * minutes * 60 / step_s))
 
 
+def quickstart_command(options: QuickstartOptions) -> None:
+    """`gptforge quickstart`."""
+    quickstart(Path(options.run_dir), options.minutes, options.device, options.steps, options.dtype)
+
+
 def quickstart(run_dir: Path = Path("runs/quickstart"), minutes: float = 3.0, device: str = "auto",
-               steps: Optional[int] = None) -> None:
+               steps: Optional[int] = None, dtype: str = "auto") -> None:
     """Prepare, train and sample. The run is sized to `minutes` on this device, unless `steps` fixes it."""
     from gptforge.checkpoint import load_model
     from gptforge.data.prepare import load_manifest
     from gptforge.textgen import generate_text
     from gptforge.train.pretrain import ensure_prepared, run_training
 
-    runtime = setup_runtime(device, "auto")
+    runtime = setup_runtime(device, dtype)
     data = DataConfig(source="shakespeare", tokenizer="char", dir=str(run_dir / "data"))
     cfg = RunConfig(model=QUICKSTART_MODEL, data=data,
-                    train=TrainConfig(run_dir=str(run_dir), device=device))
+                    train=TrainConfig(run_dir=str(run_dir), device=device, dtype=dtype))
     data_dir = ensure_prepared(cfg, runtime)
     vocab = load_manifest(data_dir)["tokenizer"]["vocab_size"]
     model_cfg = dataclasses.replace(QUICKSTART_MODEL, vocab_size=vocab)
@@ -68,7 +74,7 @@ def quickstart(run_dir: Path = Path("runs/quickstart"), minutes: float = 3.0, de
         max_steps, time_limit_s = steps, None
         print(f"quickstart: training {max_steps} steps on {runtime.device} into {run_dir}", flush=True)
     cfg.train = TrainConfig(
-        run_dir=str(run_dir), device=device, micro_batch_size=QUICKSTART_BATCH, max_steps=max_steps,
+        run_dir=str(run_dir), device=device, dtype=dtype, micro_batch_size=QUICKSTART_BATCH, max_steps=max_steps,
         lr=3e-3, warmup_steps=min(100, max_steps // 10), min_lr_ratio=0.1, weight_decay=0.1,
         eval_every=max(50, max_steps // 10), eval_batches=20, checkpoint_every=max(50, max_steps // 10),
         time_limit_s=time_limit_s, seed=1337)

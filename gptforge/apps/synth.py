@@ -29,10 +29,11 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Optional, Sequence, TextIO
 
-from gptforge.common import UserError, atomic_write_text
-from gptforge.data.finetune import (check_document_tag, document_block, opening_stem, read_text_corpus,
-                                    takes_tags)
-from gptforge.judge import ChatClient, EndpointUnreachable, RequestFailed
+from gptforge.client import ChatClient, EndpointUnreachable, RequestFailed
+from gptforge.common import UserError, atomic_write_text, read_user_text
+from gptforge.data.examples import (check_document_tag, document_block, opening_stem, parse_delimiters,
+                                    read_text_corpus, takes_tags)
+from gptforge.options import SynthOptions
 
 TAG_FIELD = "{tag}"
 
@@ -73,10 +74,7 @@ def load_existing(out: Path, delimiters: tuple[str, str], log: TextIO = sys.stde
     only a crash in the middle of a write leaves, is removed so the file reads cleanly again."""
     if not out.exists():
         return []
-    try:
-        text = out.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"cannot read {out}: {e}") from None
+    text = read_user_text(out)
     open_delim, close_delim = delimiters
     end = text.rfind(close_delim)
     head = text[:end + len(close_delim)] if end >= 0 else ""
@@ -92,6 +90,21 @@ def load_existing(out: Path, delimiters: tuple[str, str], log: TextIO = sys.stde
                             "--delimiters it was written with, or another --out")
         return []
     return read_text_corpus(out, delimiters=delimiters).documents
+
+
+def synth_command(options: SynthOptions) -> None:
+    """`gptforge synth`: run, then say what the file holds and how to fine-tune on it."""
+    prompt = read_user_text(options.prompt_file, "prompt file")
+    tags = [t.strip() for t in options.tags.split(",") if t.strip()] if options.tags else []
+    client = ChatClient(options.endpoint, options.model, api_key=options.key(), timeout=options.timeout,
+                        retries=options.retries)
+    r = synthesize(Path(options.out), client, prompt, options.n, delimiters=parse_delimiters(options.delimiters),
+                   tags=tags, temperature=options.temperature, max_tokens=options.max_tokens,
+                   concurrency=options.concurrency, max_misses=options.max_misses, progress=options.progress)
+    print(f"{options.out}: {r.total} documents ({r.new} new; skipped {r.duplicates} duplicates, {r.empty} empty, "
+          f"{r.failed} failed requests)")
+    print(f"fine-tune on it: gptforge finetune text --from BASE --finetune.data {options.out} "
+          f"--finetune.delimiters '{options.delimiters}'")
 
 
 def synthesize(out: Path, client: ChatClient, prompt: str, n: int, *, delimiters: tuple[str, str] = ("<DOC>", "</DOC>"),

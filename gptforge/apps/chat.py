@@ -4,7 +4,8 @@ The tokenizer owns the chat format (`Tokenizer.encode_chat`); this module only d
 conversation the model sees each turn, and runs the read-reply loop:
 - The context window holds the prompt and the reply. Room for the reply is reserved first
   (max_new_tokens, at most half the window: a longer reply makes the engine slide its window), then the
-  oldest user/assistant exchanges are forgotten until the rest fits. The system message always stays.
+  oldest user/assistant exchanges are forgotten until the rest fits (prompts.history_start, the rule the
+  server's `truncate_history` follows too). The system message always stays.
 - If even the new user message alone does not fit, its end is kept (the model answers what it read
   last) and the session says how many tokens were cut.
 - Replies end at the end-of-turn token (or end-of-text, or max_new_tokens).
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+from pathlib import Path
 from typing import Iterator, Optional, TextIO
 
 import torch
@@ -23,7 +25,10 @@ import torch
 from gptforge.common import UserError
 from gptforge.config import SampleConfig
 from gptforge.engine import Engine
-from gptforge.textgen import stream_text
+from gptforge.options import ChatOptions
+from gptforge.prompts import history_start, reply_room
+from gptforge.terminal import input_lines
+from gptforge.textgen import Where, stream_text
 from gptforge.tokenizer import Tokenizer
 
 NO_TEMPLATE = ("this checkpoint has no chat template; fine-tune it with `gptforge finetune chat` first "
@@ -39,30 +44,23 @@ class PromptFit:
     cut: int = 0  # tokens removed from the start of the new user message
 
 
-def reply_room(sample: SampleConfig, block_size: int) -> int:
-    """Tokens kept free for the reply: all of max_new_tokens, but never more than half the window, so a
-    long max_new_tokens still leaves the model some conversation to read."""
-    return max(1, min(sample.max_new_tokens, block_size // 2))
-
-
 def fit_prompt(tokenizer: Tokenizer, system: Optional[str], history: list[dict], user_text: str,
                budget: int) -> PromptFit:
     """Render system + history + the new user message (+ the assistant cue) in at most `budget` tokens.
 
-    history alternates user and assistant messages, oldest first; exchanges (a user message and its
-    reply) are dropped from the front so the model never sees a reply without its question."""
+    history alternates user and assistant messages, oldest first; the oldest exchanges are left out by the
+    library's one rule (prompts.history_start), and then, if the new message alone is still too long,
+    the start of its content."""
     head = system_ids(tokenizer, system, budget)
     pieces = [tokenizer.encode_chat([m])[0] for m in history]
     user = tokenizer.encode_chat([{"role": "user", "content": user_text}], add_generation_prompt=True)[0]
-    total = len(head) + sum(map(len, pieces)) + len(user)
-    start = 0
-    while total > budget and start < len(pieces):
-        total -= len(pieces[start]) + len(pieces[start + 1])
-        start += 2
-    cut = max(0, total - budget)
+    roles = [m["role"] for m in history] + ["user"]
+    start = history_start(roles, [*map(len, pieces), len(user)], budget - len(head))
+    kept = [t for p in pieces[start:] for t in p]
+    cut = max(0, len(head) + len(kept) + len(user) - budget)
     if cut:  # user = <|user|> content <|end|> <|assistant|>: keep the role and the content's end
         user = user[:1] + user[1 + cut:]
-    return PromptFit(head + [t for p in pieces[start:] for t in p] + user, dropped=start, cut=cut)
+    return PromptFit(head + kept + user, dropped=start, cut=cut)
 
 
 def system_ids(tokenizer: Tokenizer, system: Optional[str], budget: int) -> list[int]:
@@ -79,15 +77,15 @@ def system_ids(tokenizer: Tokenizer, system: Optional[str], budget: int) -> list
 class ChatSession:
     """A conversation with a chat model: `reply(text)` streams the answer and remembers both turns."""
 
-    def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer, sample: SampleConfig, device=None,
-                 system: Optional[str] = None, dtype: torch.dtype = torch.float32):
+    def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer, sample: SampleConfig, runtime: Where = None,
+                 system: Optional[str] = None):
         if not tokenizer.has_chat_template:
             raise UserError(NO_TEMPLATE)
-        self.engine = Engine(model, device=device, dtype=dtype)
+        self.engine = Engine(model, runtime)
         self.tokenizer = tokenizer
         self.sample = dataclasses.replace(sample, num_samples=1)  # one reply per turn
         self.system = system or None
-        self.budget = self.engine.config.block_size - reply_room(sample, self.engine.config.block_size)
+        self.budget = self.engine.config.block_size - reply_room(sample.max_new_tokens, self.engine.config.block_size)
         self.history: list[dict] = []  # user/assistant messages, oldest first; the system message apart
         self.last_fit: Optional[PromptFit] = None
         system_ids(tokenizer, self.system, self.budget)  # a system message that cannot fit fails now
@@ -134,6 +132,17 @@ HELP = "/reset clears the conversation, /exit (or Ctrl-D) quits"
 BOLD, DIM, RESET = "\033[1m", "\033[2m", "\033[0m"
 
 
+def chat_command(options: ChatOptions) -> None:
+    """`gptforge chat`: a session on the checkpoint, over this process's standard streams."""
+    from gptforge.checkpoint import load_model
+
+    runtime = options.runtime()
+    model, tokenizer, meta = load_model(Path(options.checkpoint), runtime.device)
+    if meta.get("classifier") or not tokenizer.has_chat_template:
+        raise UserError(f"{options.checkpoint}: {NO_TEMPLATE}")
+    run_chat(ChatSession(model, tokenizer, options.sample, runtime, system=options.system))
+
+
 def run_chat(session: ChatSession, stdin: Optional[TextIO] = None, stdout: Optional[TextIO] = None,
              stderr: Optional[TextIO] = None, interactive: Optional[bool] = None) -> int:
     """Read user messages line by line until /exit or end of input; stream each reply. Returns the number
@@ -175,23 +184,6 @@ def run_chat(session: ChatSession, stdin: Optional[TextIO] = None, stdout: Optio
         replies += 1
         _note_truncation(session.last_fit, stderr, interactive)
     return replies
-
-
-def input_lines(stdin: TextIO, prompt: Optional[str] = None) -> Iterator[str]:
-    """Lines until the end of input. With a prompt (a person at the terminal), lines are read through
-    input() so they can be edited, and Ctrl-D or Ctrl-C at the prompt end the session quietly."""
-    while True:
-        if prompt is not None and stdin is sys.stdin:
-            try:
-                line = input(prompt)
-            except (EOFError, KeyboardInterrupt):
-                print()
-                return
-        else:
-            line = stdin.readline()
-            if not line:
-                return
-        yield line
 
 
 def _note_truncation(fit: Optional[PromptFit], stderr: TextIO, interactive: bool) -> None:

@@ -21,9 +21,12 @@ CARDS_GB = (16, 24, 40, 80)
 GB = 1e9
 
 
+MOST = 256  # micro-batches searched; a cell at it reads "256+"
+
+
 def largest_micro_batch(cfg: ModelConfig, card_gb: int, checkpointing: bool, shards: int) -> int:
     budget = (1 - GPU_MARGIN) * card_gb * GB
-    return largest_fitting(list(range(1, 257)), lambda n: predict_memory(
+    return largest_fitting(list(range(1, MOST + 1)), lambda n: predict_memory(
         cfg, n, torch.bfloat16, "adamw", checkpointing, shards).total <= budget)
 
 
@@ -52,7 +55,7 @@ def main() -> None:
                                              (f"FSDP x{args.fsdp}", False, args.fsdp),
                                              (f"FSDP x{args.fsdp} + AC", True, args.fsdp)):
             cells = [largest_micro_batch(cfg, gb, checkpointing, shards) for gb in CARDS_GB]
-            shown = " | ".join(str(n) if n else "does not fit" for n in cells)
+            shown = " | ".join(f"{n}+" if n == MOST else str(n) if n else "does not fit" for n in cells)
             print(f"| {name} | {label} | {shown} |")
 
 

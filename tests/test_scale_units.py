@@ -217,7 +217,8 @@ def test_a_sharded_checkpoint_is_consolidated_in_place_and_checked(byte_data, tm
     assert res.returncode == 2 and "gptforge consolidate" in res.stderr and len(res.stderr.strip().splitlines()) == 1
     copy = tmp_path / "copy"
     shutil.copytree(latest, copy)
-    assert consolidate(run) == latest  # a run directory: its latest
+    res = run_cli("consolidate", str(run))  # a run directory: its latest
+    assert res.returncode == 0 and res.stdout.strip() == f"consolidated {latest}", res.stderr
     assert (latest / "model.safetensors").read_bytes() == expected
     assert (latest / "shards").is_dir()  # still resumable
     # a shard swapped for something else is one line, not a traceback

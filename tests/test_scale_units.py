@@ -155,6 +155,7 @@ def test_random_rows_do_not_depend_on_how_the_global_batch_is_split(byte_data):
     assert torch.equal(rows(4, calls=2), whole)
 
 
+@pytest.mark.slow
 def test_resume_keeps_the_global_batch_and_refuses_to_change_it_silently(byte_data, tmp_path):
     run = tmp_path / "run"
     run_training(tiny_run(byte_data, run, max_steps=2))  # 4 sequences of 64 tokens per step
@@ -170,6 +171,7 @@ def test_resume_keeps_the_global_batch_and_refuses_to_change_it_silently(byte_da
     assert changed.step == 5
 
 
+@pytest.mark.slow
 def test_resume_with_another_model_shape_is_one_line(byte_data, tmp_path):
     run = tmp_path / "run"
     args = ["train", "--model.preset", "tiny", "--data.dir", str(byte_data), "--train.run_dir", str(run),
@@ -182,6 +184,7 @@ def test_resume_with_another_model_shape_is_one_line(byte_data, tmp_path):
 
 
 # --- FSDP in one process: sharded checkpoints ---------------------------------------------------------
+@pytest.mark.slow
 def test_fsdp_in_one_process_matches_plain_training_and_writes_sharded_checkpoints(byte_data, tmp_path):
     plain = run_training(tiny_run(byte_data, tmp_path / "plain"))
     sharded = run_training(tiny_run(byte_data, tmp_path / "fsdp", strategy="fsdp"))
@@ -207,6 +210,7 @@ def test_a_run_changes_strategy_when_it_resumes(byte_data, tmp_path, first, then
     assert losses(run) == losses(straight)
 
 
+@pytest.mark.slow
 def test_a_sharded_checkpoint_is_consolidated_in_place_and_checked(byte_data, tmp_path):
     run = tmp_path / "fsdp"
     run_training(tiny_run(byte_data, run, strategy="fsdp"))

@@ -236,6 +236,10 @@ class TrainConfig:
     """Redraw loss.png in the run directory at every evaluation."""
     progress: bool = True
     """Show a progress bar."""
+    loggers: list[str] = field(default_factory=lambda: ["jsonl"])
+    """Where metrics, hyperparameters and samples go: jsonl (metrics.jsonl + loss.png, always on), tensorboard
+    (events in <run_dir>/tensorboard; pip install 'gptforge[tensorboard]'), wandb (pip install 'gptforge[wandb]';
+    WANDB_MODE=offline keeps it on this machine)."""
 
     def validate(self) -> "TrainConfig":
         check_ranges(self, "train.", {
@@ -246,8 +250,13 @@ class TrainConfig:
             "grad_clip": "[0, inf)", "eval_every": "[0, inf)", "eval_batches": "[1, inf)", "log_every": "[1, inf)",
             "sample_every": "[0, inf)", "sample_tokens": "[1, inf)", "eval_tasks_every": "[0, inf)",
             "eval_tasks_limit": "[0, inf)", "checkpoint_every": "[0, inf)", "early_stop_patience": "[0, inf)"})
+        unknown = [name for name in self.loggers if name not in LOGGERS]
+        if unknown:
+            raise UserError(f"train.loggers: unknown logger {unknown[0]!r}; choose from {', '.join(LOGGERS)}")
         return self
 
+
+LOGGERS = ("jsonl", "tensorboard", "wandb")  # gptforge/train/loggers.py writes each
 
 # LoRA target name -> module paths inside a Block (matched as the last two parts of a module's name)
 LORA_TARGETS: dict[str, tuple[str, ...]] = {

@@ -9,10 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Optional
-
-import yaml
 
 from gptforge.checks import check_ranges
 from gptforge.common import UserError
@@ -405,10 +402,3 @@ class RunConfig:
         for section in (self.data, self.train, self.sample):
             section.validate()
         return self
-
-
-def save_yaml(cfg: Any, path: Path) -> None:
-    from gptforge.common import atomic_write_text
-
-    atomic_write_text(Path(path), yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
-

@@ -8,7 +8,7 @@ import pytest
 
 from gptforge.common import UserError
 from gptforge.config import TrainConfig
-from gptforge.train.loggers import RunLoggers, flatten
+from gptforge.train.loggers import RunLoggers, scalar_params
 
 RECORDS = [{"step": 1, "loss": 4.5, "lr": 1e-3, "tokens": 512},
            {"step": 10, "loss": 3.25, "lr": 2e-3, "tokens": 5120},
@@ -25,7 +25,7 @@ def test_jsonl_is_always_written_and_unknown_loggers_refused(tmp_path):
     assert loggers.read() == RECORDS and not loggers.others
     with pytest.raises(UserError, match="unknown logger 'mlflow'; choose from jsonl, tensorboard, wandb"):
         TrainConfig(loggers=["jsonl", "mlflow"]).validate()
-    assert flatten(PARAMS) == {"train.lr": 2e-3, "train.max_steps": 10, "train.eval_tasks": "[]", "model.n_layer": 2}
+    assert scalar_params(PARAMS) == {"train.lr": 2e-3, "train.max_steps": 10, "train.eval_tasks": "[]", "model.n_layer": 2}
 
 
 def test_tensorboard_events_hold_the_same_metrics_hparams_and_samples(tmp_path):

@@ -14,6 +14,7 @@ from typing import Any, Optional, Protocol
 
 from gptforge.common import UserError, atomic_write_text
 from gptforge.files import read_bytes
+from gptforge.train.history import flatten
 from gptforge.train.metrics import MetricsLog
 
 
@@ -24,16 +25,16 @@ class Logger(Protocol):
     def close(self) -> None: ...
 
 
-def flatten(params: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def scalar_params(params: dict[str, Any]) -> dict[str, Any]:
     """{"train": {"lr": 1e-3}} -> {"train.lr": 1e-3}; lists and None as text (what both UIs accept)."""
-    flat = {}
-    for key, value in params.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{name}."))
-        else:
-            flat[name] = value if isinstance(value, (bool, int, float, str)) else str(value)
-    return flat
+    return {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in flatten(params).items()}
+
+
+def run_params(model_config: Any, tc: Any) -> dict[str, Any]:
+    """The hyperparameters the loggers record: the model's shape and the training settings."""
+    import dataclasses
+
+    return {"model": dataclasses.asdict(model_config), "train": dataclasses.asdict(tc)}
 
 
 class TensorBoardLogger:
@@ -51,7 +52,7 @@ class TensorBoardLogger:
         from torch.utils.tensorboard.summary import hparams
 
         # the HParams dashboard's records, in this run's own event file (add_hparams would open a sub-run)
-        for summary in hparams(flatten(params), {}):
+        for summary in hparams(scalar_params(params), {}):
             self.writer.file_writer.add_summary(summary)
 
     def scalars(self, step: int, values: dict[str, float]) -> None:

@@ -6,13 +6,14 @@ import dataclasses
 from pathlib import Path
 from typing import Optional
 
-from gptforge.checkpoint import load_model, read_model_config, resolve_checkpoint, run_checkpoint
+from gptforge.checkpoint import load_model, load_trainer_state, read_model_config, resolve_checkpoint, run_checkpoint
 from gptforge.common import Runtime, UserError, seed_everything, setup_runtime, teardown_runtime
-from gptforge.config import ModelConfig, RunConfig, resolve_model_config, save_yaml
+from gptforge.config import ModelConfig, RunConfig, resolve_model_config
 from gptforge.data.loader import TokenLoader
 from gptforge.data.prepare import prepare, verify_shards
 from gptforge.model import GPT, count_parameters
 from gptforge.tokenizer import Tokenizer, load_tokenizer
+from gptforge.train.history import record_run_config
 from gptforge.train.loop import LoopResult, train_loop
 
 VAL_SEED = 12345  # fixed, so every evaluation sees the same validation windows
@@ -125,7 +126,7 @@ def run_training(cfg: RunConfig, runtime: Optional[Runtime] = None) -> LoopResul
             model = GPT(model_cfg).to(runtime.device)
         if runtime.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
-            save_yaml(cfg, run_dir / "config.yaml")
+            record_run_config(run_dir, dataclasses.asdict(cfg), _step_of(resume_from), runtime.print)
             runtime.print(f"model: {count_parameters(model):,} parameters, {model_cfg.n_layer} layers, "
                           f"{model_cfg.n_head} heads, {model_cfg.n_embd} dims, context {model_cfg.block_size}; "
                           f"tokenizer {tokenizer.describe()}; data {manifest['splits']['train']['tokens']:,} "
@@ -162,3 +163,8 @@ def _with_dropout(model: GPT, p: float) -> GPT:
     for block in model.transformer.h:
         block.attn.dropout = p
     return model
+
+
+def _step_of(checkpoint: Optional[Path]) -> Optional[int]:
+    return None if checkpoint is None else load_trainer_state(checkpoint)["step"]
+

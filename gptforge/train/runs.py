@@ -8,12 +8,12 @@ import datetime
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 from gptforge.checkpoint import CHECKPOINTS, FINETUNE_META, load_trainer_state, read_meta, run_checkpoint
 from gptforge.checks import checked
 from gptforge.common import UserError, human_count
-from gptforge.files import read_bytes
+from gptforge.train.history import effective_config
 from gptforge.train.metrics import MetricsLog
 
 RUN_FILES = ("config.yaml", "metrics.jsonl", CHECKPOINTS)  # any of them marks a folder as a run
@@ -50,7 +50,7 @@ def summarize_run(run_dir: Path) -> RunSummary:
     """What the run directory says about itself; the first thing that cannot be read becomes `problem`."""
     summary = RunSummary(name=run_dir.name, size_bytes=_tree_size(run_dir), updated=_last_update(run_dir))
     try:
-        config = _read_config(run_dir)
+        config = effective_config(run_dir)  # config.yaml and the changes of later resumes
         train = config.get("train") if isinstance(config.get("train"), dict) else {}
         summary.max_steps = checked(train.get("max_steps"), Optional[int], "config.yaml: train.max_steps")
         summary.kind = f"finetune {checked(config['mode'], str, 'config.yaml: mode')}" if "mode" in config \
@@ -79,21 +79,6 @@ def summarize_run(run_dir: Path) -> RunSummary:
     except OSError as e:
         summary.problem = f"unreadable: {e.strerror or e}"
     return summary
-
-
-def _read_config(run_dir: Path) -> dict[str, Any]:
-    import yaml
-
-    path = run_dir / "config.yaml"
-    if not path.exists():
-        return {}
-    try:
-        config = yaml.safe_load(read_bytes(path, root=run_dir).decode("utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError):
-        raise UserError("config.yaml is not valid YAML") from None
-    if not isinstance(config, dict):
-        raise UserError("config.yaml is not a mapping of sections")
-    return config
 
 
 def _tree_size(folder: Path) -> int:

@@ -23,7 +23,9 @@ from gptforge.common import Runtime, UserError, is_out_of_memory
 from gptforge.config import RunConfig
 from gptforge.model import GPT
 from gptforge.tokenizer import Tokenizer
-from gptforge.train.metrics import MetricsLog, plot_losses
+from gptforge.train.loggers import RunLoggers, run_params
+from gptforge.train.metrics import plot_losses
+from gptforge.train.notices import first_step_notice
 from gptforge.train.optim import lr_at, make_optimizer
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -131,7 +133,7 @@ def train_loop(model: GPT, tokenizer: Tokenizer, train_batches: BatchSource,
     tokens_per_step = tc.micro_batch_size * cfg.model.block_size * runtime.world_size * accum
 
     step, best_val, evals_since_best, elapsed_before, tokens_total = 0, None, 0, 0.0, 0
-    metrics = MetricsLog(run_dir / "metrics.jsonl")
+    metrics = RunLoggers(run_dir, tc.loggers, run_params(raw_model.config, tc), runtime.is_main)
     if runtime.is_main:
         prepare_run_checkpoints(run_dir)  # before any step is spent: a linked latest/best is refused
     if resume_from is not None:
@@ -186,7 +188,7 @@ def train_loop(model: GPT, tokenizer: Tokenizer, train_batches: BatchSource,
 
     bar = tqdm(total=tc.max_steps, initial=step, disable=not (tc.progress and runtime.is_main),
                unit="step", dynamic_ncols=True, desc="train")
-    t_start = time.time()
+    t_start, start_step = time.time(), step
     t_log, tokens_since_log = time.time(), torch.zeros((), device=runtime.device, dtype=torch.long)
     last_val, loss_value, tok_s, stopped_early = None, float("nan"), 0.0, False
     model.train()
@@ -217,6 +219,8 @@ def train_loop(model: GPT, tokenizer: Tokenizer, train_batches: BatchSource,
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
+            if step == start_step + 1 and runtime.device_type == "cpu" and runtime.is_main:
+                bar.write(first_step_notice(time.time() - t_start, tc.max_steps - step))
             step += 1
             bar.update(1)
 
@@ -286,6 +290,8 @@ def train_loop(model: GPT, tokenizer: Tokenizer, train_batches: BatchSource,
                 reason = "early stopping" if stopped_early else f"time limit {tc.time_limit_s}s"
                 runtime.print(f"stopping at step {step}: {reason}")
                 stopped_early = True
+        if step == start_step:  # no step taken: nothing new to keep (and no checkpoint of an untrained model)
+            raise KeyboardInterrupt(f"at step {step}, before a step was taken: nothing saved") from None
                 break
     except KeyboardInterrupt:  # Ctrl-C: keep the progress, then end as an interrupt (exit 130 on the CLI)
         save_latest()
@@ -296,6 +302,7 @@ def train_loop(model: GPT, tokenizer: Tokenizer, train_batches: BatchSource,
             raise
         raise UserError(f"out of memory at micro_batch_size={tc.micro_batch_size}; use a smaller "
                         "--train.micro_batch_size (and --train.tokens_per_step to keep the batch)") from None
+        metrics.close()
     finally:
         bar.close()
     if runtime.distributed:

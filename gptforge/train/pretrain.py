@@ -15,6 +15,7 @@ from gptforge.model import GPT, count_parameters
 from gptforge.tokenizer import Tokenizer, load_tokenizer
 from gptforge.train.history import record_run_config
 from gptforge.train.loop import LoopResult, train_loop
+from gptforge.train.notices import cpu_model_notice
 
 VAL_SEED = 12345  # fixed, so every evaluation sees the same validation windows
 
@@ -131,6 +132,9 @@ def run_training(cfg: RunConfig, runtime: Optional[Runtime] = None) -> LoopResul
                           f"{model_cfg.n_head} heads, {model_cfg.n_embd} dims, context {model_cfg.block_size}; "
                           f"tokenizer {tokenizer.describe()}; data {manifest['splits']['train']['tokens']:,} "
                           f"train tokens; device {runtime.device}, {str(runtime.dtype).replace('torch.', '')}")
+            notice = cpu_model_notice(count_parameters(model), runtime.device_type)
+            if notice:
+                runtime.print(notice)
 
         tc = cfg.train
         loader_args = dict(batch_size=tc.micro_batch_size, block_size=model_cfg.block_size, rank=runtime.rank,

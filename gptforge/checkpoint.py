@@ -356,6 +356,20 @@ def resolve_checkpoint(path: Path) -> Path:
                     f"{CHECKPOINTS}/best or {CHECKPOINTS}/latest")
 
 
+def keep_weights_copy(latest: Path, kept: Path) -> None:
+    """checkpoints/step_N (keep_checkpoints, fine-tuning's per-epoch copies): `latest` without its trainer
+    state, which only `latest` needs to resume (the optimizer's moments alone are twice the weights)."""
+    import shutil
+
+    def fill(d: Path) -> None:
+        shutil.copytree(latest, d, dirs_exist_ok=True,
+                        ignore=lambda folder, names: [TRAINER_DIR] if Path(folder) == Path(latest) else [])
+        meta = read_meta(d)
+        (d / META).write_text(json.dumps({**meta, "resumable": False}, indent=2))
+
+    write_dir_atomically(Path(kept), fill)
+
+
 # --- merging adapters ---------------------------------------------------------------------------------
 def merge_lora_checkpoint(path: Path, out: Path) -> Path:
     """A LoRA checkpoint -> a plain checkpoint with the adapters folded into the weights."""

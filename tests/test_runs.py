@@ -1,6 +1,8 @@
 """Run management: `gptforge --version`, `gptforge runs` (listing what run directories hold, a broken run
 as one line), shell completion, and the loss plot's title and score markers."""
 
+import json
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -13,22 +15,34 @@ from gptforge.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from gptforge.data.prepare import prepare
 from gptforge.train.metrics import loss_figure
 from gptforge.train.pretrain import run_training
+from gptforge.train.history import effective_config
+from gptforge.train.notices import cpu_model_notice
 from gptforge.train.runs import find_runs, summarize_run
 from helpers import write_corpus
 
 
 @pytest.fixture(scope="module")
-def runs_root(tmp_path_factory):
+def shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    cfg = DataConfig(source=str(write_corpus(root / "corpus.txt", n_lines=200)), tokenizer="byte", num_proc=1)
+    prepare(cfg, root / "shards", progress=False)
+    return root / "shards"
+
+
+def tiny_run(shards, run_dir, **train) -> RunConfig:
+    """A seconds-long pretraining run's config: a 1-layer byte model, every step logged."""
+    settings = dict(run_dir=str(run_dir), device="cpu", micro_batch_size=4, max_steps=6, eval_every=3, eval_batches=2,
+                    log_every=1, progress=False, plot=False)
+    settings.update(train)
+    return RunConfig(model=ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=32),
+                     data=DataConfig(dir=str(shards)), train=TrainConfig(**settings))
+
+
+@pytest.fixture(scope="module")
+def runs_root(shards, tmp_path_factory):
     """A folder with one finished tiny pretraining run in it."""
     root = tmp_path_factory.mktemp("runs")
-    cfg = DataConfig(source=str(write_corpus(root.parent / "corpus.txt", n_lines=200)), tokenizer="byte",
-                     num_proc=1)
-    prepare(cfg, root.parent / "shards", progress=False)
-    run_training(RunConfig(model=ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=32),
-                           data=DataConfig(dir=str(root.parent / "shards")),
-                           train=TrainConfig(run_dir=str(root / "tiny"), device="cpu", micro_batch_size=4,
-                                             max_steps=6, eval_every=3, eval_batches=2, log_every=1,
-                                             progress=False, plot=False)))
+    run_training(tiny_run(shards, root / "tiny"))
     return root
 
 
@@ -121,3 +135,98 @@ def test_gitignore_covers_the_readme_example_outputs_and_nothing_of_the_package(
     result = subprocess.run(["git", "check-ignore", "--no-index", *written, *ours], cwd=repo, capture_output=True,
                             text=True, timeout=60)
     assert result.stdout.split() == written
+
+
+# --- resuming: what changed is said and kept --------------------------------------------------------
+def test_resume_with_changed_settings_says_so_and_keeps_the_history(shards, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    run_training(tiny_run(shards, run_dir, max_steps=4, lr=1e-3))
+    original = (run_dir / "config.yaml").read_text()
+    capsys.readouterr()
+    run_training(tiny_run(shards, run_dir, max_steps=6, lr=2e-3, eval_every=2))
+    out = capsys.readouterr().out
+    assert "resuming at step 4 with 3 changed settings" in out
+    assert "train.lr: 0.001 -> 0.002  (changes training from here on)" in out
+    assert "train.max_steps: 4 -> 6\n" in out and "train.eval_every: 3 -> 2\n" in out
+    assert (run_dir / "config.yaml").read_text() == original  # the run's beginning stays on record
+    [entry] = [json.loads(line) for line in (run_dir / "config_history.jsonl").read_text().splitlines()]
+    assert entry["step"] == 4 and entry["changes"] == {"train.lr": [1e-3, 2e-3], "train.max_steps": [4, 6],
+                                                        "train.eval_every": [3, 2]}
+    assert effective_config(run_dir)["train"]["lr"] == 2e-3
+    assert summarize_run(run_dir).max_steps == 6  # `runs` reads the settings in force
+    # the same settings again: nothing to say, nothing recorded
+    run_training(tiny_run(shards, run_dir, max_steps=8, lr=2e-3, eval_every=2))
+    out = capsys.readouterr().out
+    assert "train.max_steps: 6 -> 8" in out and "train.lr" not in out
+    assert len((run_dir / "config_history.jsonl").read_text().splitlines()) == 2
+
+
+def test_ctrl_c_before_the_first_step_writes_no_checkpoint(shards, tmp_path, monkeypatch):
+    from gptforge.data.loader import TokenLoader
+
+    calls = {"n": 0}
+    real = TokenLoader.next_batch
+
+    def interrupted_at(n):
+        def next_batch(self):
+            calls["n"] += 1
+            if calls["n"] > n:
+                raise KeyboardInterrupt
+            return real(self)
+        return next_batch
+
+    run_dir = tmp_path / "run"
+    monkeypatch.setattr(TokenLoader, "next_batch", interrupted_at(0))
+    with pytest.raises(KeyboardInterrupt, match="before a step was taken: nothing saved"):
+        run_training(tiny_run(shards, run_dir))
+    assert not (run_dir / "checkpoints" / "latest").exists()
+    calls["n"] = 0
+    monkeypatch.setattr(TokenLoader, "next_batch", interrupted_at(2))  # two steps, then Ctrl-C
+    with pytest.raises(KeyboardInterrupt, match="at step 2; saved"):
+        run_training(tiny_run(shards, run_dir))
+    assert json.loads((run_dir / "checkpoints/latest/meta.json").read_text())["step"] == 2
+
+
+def test_cpu_runs_say_what_is_built_and_how_long_a_step_takes(shards, tmp_path, capsys, monkeypatch):
+    assert "--model.preset small-cpu" in cpu_model_notice(124_000_000, "cpu")
+    assert cpu_model_notice(124_000_000, "cuda") is None and cpu_model_notice(800_000, "cpu") is None
+    monkeypatch.setattr("gptforge.train.notices.CPU_COMFORTABLE_PARAMETERS", 1000)  # the tiny model is "large"
+    run_training(tiny_run(shards, tmp_path / "run"))
+    out = capsys.readouterr().out
+    assert "note: training 0M parameters on a CPU" in out
+    assert re.search(r"first step took \d+\.\d\d s: about \d+ s for the remaining 5 steps", out)
+    assert out.index("note: training") < out.index("first step took")
+
+
+def test_kept_checkpoints_hold_weights_only(shards, tmp_path):
+    """keep_checkpoints (fine-tuning's per-epoch copies): no optimizer state; only latest resumes."""
+    from gptforge.checkpoint import load_model
+
+    run_dir = tmp_path / "run"
+    run_training(tiny_run(shards, run_dir, checkpoint_every=3, keep_checkpoints=True))
+    for step in (3, 6):
+        kept = run_dir / "checkpoints" / f"step_{step:07d}"
+        assert not (kept / "trainer").exists() and (kept / "model.safetensors").is_file()
+        meta = json.loads((kept / "meta.json").read_text())
+        assert meta["step"] == step and meta["resumable"] is False
+        load_model(kept)
+    assert (run_dir / "checkpoints/latest/trainer/optimizer.safetensors").is_file()
+
+
+def test_the_loop_logs_to_tensorboard_what_it_writes_to_metrics_jsonl(shards, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir = tmp_path / "run"
+    run_training(tiny_run(shards, run_dir, loggers=["jsonl", "tensorboard"]))
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    for key in ("loss", "val_loss", "lr"):
+        expected = [(r["step"], r[key]) for r in records if key in r]
+        assert [(e.step, pytest.approx(e.value)) for e in acc.Scalars(key)] == expected, key
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    content = acc.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+    hparams = plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info.hparams
+    assert hparams["train.lr"].number_value == TrainConfig().lr and hparams["model.n_layer"].number_value == 1

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import random
-import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -18,7 +17,8 @@ from typing import Callable, Iterable, Optional, Protocol
 import torch
 import torch.distributed as dist
 
-from gptforge.checkpoint import CHECKPOINTS, load_trainer_state, prepare_run_checkpoints, save_checkpoint
+from gptforge.checkpoint import (CHECKPOINTS, keep_weights_copy, load_trainer_state, prepare_run_checkpoints,
+                                 save_checkpoint)
 from gptforge.common import Runtime, UserError, is_out_of_memory
 from gptforge.config import RunConfig
 from gptforge.model import GPT
@@ -180,9 +180,7 @@ def train_loop(model: GPT, tokenizer: Tokenizer, train_batches: BatchSource,
             save_checkpoint(latest, raw_model, tokenizer, step=step, val_loss=last_val,
                             trainer_state=trainer_state(), optimizer=optimizer, extra_meta=checkpoint_meta)
             if tc.keep_checkpoints:
-                kept = run_dir / CHECKPOINTS / f"step_{step:07d}"
-                shutil.rmtree(kept, ignore_errors=True)
-                shutil.copytree(latest, kept)
+                keep_weights_copy(latest, run_dir / CHECKPOINTS / f"step_{step:07d}")
 
     from tqdm.auto import tqdm
 
@@ -219,10 +217,10 @@ def train_loop(model: GPT, tokenizer: Tokenizer, train_batches: BatchSource,
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
-            if step == start_step + 1 and runtime.device_type == "cpu" and runtime.is_main:
-                bar.write(first_step_notice(time.time() - t_start, tc.max_steps - step))
             step += 1
             bar.update(1)
+            if step == start_step + 1 and runtime.device_type == "cpu" and runtime.is_main:
+                bar.write(first_step_notice(time.time() - t_start, tc.max_steps - step))
 
             last_step = step == tc.max_steps
             if step % tc.log_every == 0 or last_step or step == 1:
@@ -290,10 +288,10 @@ def train_loop(model: GPT, tokenizer: Tokenizer, train_batches: BatchSource,
                 reason = "early stopping" if stopped_early else f"time limit {tc.time_limit_s}s"
                 runtime.print(f"stopping at step {step}: {reason}")
                 stopped_early = True
-        if step == start_step:  # no step taken: nothing new to keep (and no checkpoint of an untrained model)
-            raise KeyboardInterrupt(f"at step {step}, before a step was taken: nothing saved") from None
                 break
     except KeyboardInterrupt:  # Ctrl-C: keep the progress, then end as an interrupt (exit 130 on the CLI)
+        if step == start_step:  # no step taken: nothing new to keep (and no checkpoint of an untrained model)
+            raise KeyboardInterrupt(f"at step {step}, before a step was taken: nothing saved") from None
         save_latest()
         raise KeyboardInterrupt(f"at step {step}; saved {run_dir / CHECKPOINTS / 'latest'}. "
                                 "Run the same command again to resume") from None
@@ -302,9 +300,9 @@ def train_loop(model: GPT, tokenizer: Tokenizer, train_batches: BatchSource,
             raise
         raise UserError(f"out of memory at micro_batch_size={tc.micro_batch_size}; use a smaller "
                         "--train.micro_batch_size (and --train.tokens_per_step to keep the batch)") from None
-        metrics.close()
     finally:
         bar.close()
+        metrics.close()
     if runtime.distributed:
         dist.barrier()
     elapsed = elapsed_before + time.time() - t_start

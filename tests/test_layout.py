@@ -1,6 +1,7 @@
 """The package's shape: imports point one way, model.py is pure math, importing gptforge is light."""
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -99,3 +100,16 @@ def test_import_gptforge_is_light():
 def test_modules_stay_small():
     big = [f"{p.name}: {n}" for p in PKG.rglob("*.py") if (n := len(p.read_text().splitlines())) > 500]
     assert not big, big
+
+
+def test_the_layer_picture_in_developers_md_is_the_enforced_one():
+    """DEVELOPERS.md draws the layers for newcomers; a picture that drifts from LAYERS misleads them."""
+    text = (REPO / "DEVELOPERS.md").read_text(encoding="utf-8")
+    picture = text.split("## How the code is laid out", 1)[1].split("```", 2)[1]
+    drawn = [re.split(r"\s{3,}", line.strip())[0].split() for line in picture.splitlines()
+             if line.strip() and line.strip() != "|"]
+    enforced = sorted(set(LAYERS.values()) - {LAYERS["gptforge.__main__"]})
+    assert len(drawn) == len(enforced), drawn
+    for layer, names in zip(enforced, drawn):
+        expected = {m.removeprefix("gptforge.") for m, n in LAYERS.items() if n == layer and m.count(".") == 1}
+        assert set(names) == expected, f"layer {layer}: drawn {sorted(names)}, enforced {sorted(expected)}"

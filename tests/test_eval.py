@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from gptforge.checkpoint import save_checkpoint
 from gptforge.cli import main
-from gptforge.common import UserError, cache_dir
+from gptforge.common import UserError, cache_dir, setup_runtime
 from gptforge.config import DataConfig, ModelConfig
 from gptforge.data.prepare import load_manifest, prepare
 from gptforge.eval import (TASKS, ChoiceExample, ChoiceScore, choice_metrics, evaluate_lm, harness_preprocess,

@@ -7,6 +7,9 @@ A checkpoint directory holds:
     meta.json              format version, step, validation loss, what else is inside
     trainer/               only in resumable checkpoints: optimizer tensors (safetensors) + JSON state
                            (step, data-loader position, RNG states, ...)
+A sharded checkpoint (written under FSDP, gptforge/train/sharded.py) holds shards/ (each process's part of
+the weights and optimizer state, safetensors) instead of model.safetensors and trainer/optimizer.safetensors,
+and gains model.safetensors when it is consolidated (`gptforge consolidate`; the last one of a run is).
 Fine-tuned checkpoints say what they hold in meta.json: "classifier": {"labels": [...]} adds a
 classification head (GPTClassifier); "lora": {config} + "base": PATH marks an adapter-only checkpoint, whose
 model.safetensors holds only the trained tensors (adapters, a head) and whose frozen weights are read from
@@ -45,6 +48,7 @@ FORMAT_VERSION = 1
 WEIGHTS, MODEL_CONFIG, META, TOKENIZER_DIR, TRAINER_DIR = (
     "model.safetensors", "model_config.json", "meta.json", "tokenizer", "trainer")
 CHECKPOINTS = "checkpoints"
+SHARDS = "shards"  # a sharded checkpoint's tensors (see gptforge/train/sharded.py)
 FINETUNE_META = "finetune"  # meta.json key of a fine-tuned checkpoint: {mode, base, data}
 
 
@@ -84,12 +88,8 @@ def save_checkpoint(path: Path, model: GPT, tokenizer: Tokenizer, step: int = 0,
 
     def fill(d: Path) -> None:
         save_tensors(weights, d / WEIGHTS)
-        (d / MODEL_CONFIG).write_text(json.dumps(dataclasses.asdict(model.config), indent=2))
-        tokenizer.save(d / TOKENIZER_DIR)
-        meta = {"format": FORMAT_VERSION, "gptforge": __version__, "step": step, "val_loss": val_loss,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "resumable": trainer_state is not None,
-                "tokenizer": tokenizer.describe(), **(extra_meta or {})}
-        (d / META).write_text(json.dumps(meta, indent=2))
+        describe_checkpoint(d, model.config, tokenizer, step=step, val_loss=val_loss,
+                            resumable=trainer_state is not None, extra_meta=extra_meta)
         if trainer_state is not None:
             (d / TRAINER_DIR).mkdir()
             (d / TRAINER_DIR / "state.json").write_text(json.dumps(trainer_state, indent=2))
@@ -98,6 +98,17 @@ def save_checkpoint(path: Path, model: GPT, tokenizer: Tokenizer, step: int = 0,
                 (d / TRAINER_DIR / "optimizer.json").write_text(json.dumps(layout))
 
     write_dir_atomically(Path(path), fill, size_hint=size)
+
+
+def describe_checkpoint(d: Path, config: ModelConfig, tokenizer: Tokenizer, step: int, val_loss: Optional[float],
+                        resumable: bool, extra_meta: Optional[dict] = None) -> None:
+    """What makes folder `d` a checkpoint besides its tensors: model_config.json, tokenizer/, meta.json."""
+    (d / MODEL_CONFIG).write_text(json.dumps(dataclasses.asdict(config), indent=2))
+    tokenizer.save(d / TOKENIZER_DIR)
+    meta = {"format": FORMAT_VERSION, "gptforge": __version__, "step": step, "val_loss": val_loss,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "resumable": resumable,
+            "tokenizer": tokenizer.describe(), **(extra_meta or {})}
+    (d / META).write_text(json.dumps(meta, indent=2))
 
 
 # --- reading: every file is checked before anything is built from it ------------------------------
@@ -135,7 +146,7 @@ META_FIELDS: dict[str, Any] = {
     "format": int, "gptforge": str, "step": int, "val_loss": Optional[float], "created": str,
     "resumable": bool, "tokenizer": str, "classifier": ClassifierMeta, "lora": LoRAConfig, "base": str,
     "base_fingerprint": str, "finetune": FinetuneMeta, "imported_from": str, "source_layout": str,
-    "revision": Optional[str], "merged_from": str}
+    "revision": Optional[str], "merged_from": str, "sharded": int}
 
 
 def read_meta(path: Path) -> dict:
@@ -169,24 +180,18 @@ def load_model(path: Path, device: torch.device | str = "cpu") -> tuple[GPT, Tok
     file typed, the weights file's header against the tensors the config implies, all before the model is
     built or any tensor read."""
     path = resolve_checkpoint(path)
-    config = read_model_config(path)
-    meta = read_meta(path)
-    tokenizer = load_tokenizer(path / TOKENIZER_DIR, root=path)
-    if tokenizer.vocab_size != config.vocab_size:
-        raise UserError(
-            f"vocabulary mismatch in {path}: the model has {config.vocab_size} tokens but its tokenizer has "
-            f"{tokenizer.vocab_size}; the checkpoint's tokenizer/ folder does not belong to these weights"
-        )
+    config, meta, tokenizer = _describe(path)
+    if is_sharded(path) and not (path / WEIGHTS).exists():
+        raise UserError(f"{path} is a sharded checkpoint (FSDP: each process wrote its part); write its weights "
+                        f"as one file with `gptforge consolidate {path}`, then use it")
     labels = (meta.get("classifier") or {}).get("labels")
     lora = _lora_config(meta, str(path / META)) if meta.get("lora") else None
     check_weights(path, expected_shapes(config, labels, lora), adapters_only=lora is not None)
     state = _read_weights(path)
-    with torch.device("meta"):
-        model = GPTClassifier(config, len(labels)) if labels else GPT(config)
+    model = _structure(config, labels, lora)
     if lora is not None:
         trained = set(state)  # adapters and any head: trainable again, as when they were saved
         state = {**_base_state(path, meta, config), **state}
-        apply_lora(model, lora)
         for name, p in model.named_parameters():
             p.requires_grad_(name in trained)
     model = model.to_empty(device="cpu")
@@ -203,6 +208,46 @@ def load_model(path: Path, device: torch.device | str = "cpu") -> tuple[GPT, Tok
     if config.tie_embeddings:
         model.lm_head.weight = model.transformer.wte.weight
     return model.to(device), tokenizer, meta
+
+
+def model_without_weights(path: Path) -> tuple[GPT, Tokenizer, dict]:
+    """The model a checkpoint describes (a classifier head, LoRA adapters: trainable as fine-tuning left them),
+    its tensors allocated on the CPU but not read; with the tokenizer and meta. For a sharded checkpoint, whose
+    tensors gptforge/train/sharded.py then reads into it."""
+    path = Path(path)
+    config, meta, tokenizer = _describe(path)
+    labels = (meta.get("classifier") or {}).get("labels")
+    lora = _lora_config(meta, str(path / META)) if meta.get("lora") else None
+    model = _structure(config, labels, lora)
+    if lora is not None:  # what fine-tuning trains with LoRA: the adapters and a classifier head
+        for name, p in model.named_parameters():
+            p.requires_grad_(".lora_" in name or name.startswith("classifier."))
+    model = model.to_empty(device="cpu")
+    if config.tie_embeddings:
+        model.lm_head.weight = model.transformer.wte.weight
+    return model, tokenizer, meta
+
+
+def _describe(path: Path) -> tuple[ModelConfig, dict, Tokenizer]:
+    """A checkpoint's config, meta and tokenizer, each checked, and checked to agree."""
+    config = read_model_config(path)
+    meta = read_meta(path)
+    tokenizer = load_tokenizer(path / TOKENIZER_DIR, root=path)
+    if tokenizer.vocab_size != config.vocab_size:
+        raise UserError(
+            f"vocabulary mismatch in {path}: the model has {config.vocab_size} tokens but its tokenizer has "
+            f"{tokenizer.vocab_size}; the checkpoint's tokenizer/ folder does not belong to these weights"
+        )
+    return config, meta, tokenizer
+
+
+def _structure(config: ModelConfig, labels: Optional[list[str]], lora: Optional[LoRAConfig]) -> GPT:
+    """The model's modules on the meta device (no memory): a classifier head, adapters."""
+    with torch.device("meta"):
+        model = GPTClassifier(config, len(labels)) if labels else GPT(config)
+    if lora is not None:
+        apply_lora(model, lora)
+    return model
 
 
 def expected_shapes(config: ModelConfig, labels: Optional[list[str]] = None,
@@ -324,6 +369,11 @@ def is_checkpoint(path: Path) -> bool:
     return (Path(path) / MODEL_CONFIG).is_file()
 
 
+def is_sharded(path: Path) -> bool:
+    """Written by FSDP: every process's part of the weights and optimizer in shards/ (train/sharded.py)."""
+    return (Path(path) / SHARDS).is_dir()
+
+
 def run_checkpoint(run_dir: Path, name: str) -> Optional[Path]:
     """checkpoints/<name> of a run directory, if it exists (repairing an interrupted swap and removing
     the temp folders of killed writers)."""
@@ -358,14 +408,18 @@ def resolve_checkpoint(path: Path) -> Path:
 
 def keep_weights_copy(latest: Path, kept: Path) -> None:
     """checkpoints/step_N (keep_checkpoints, fine-tuning's per-epoch copies): `latest` without its trainer
-    state, which only `latest` needs to resume (the optimizer's moments alone are twice the weights)."""
+    state, which only `latest` needs to resume (the optimizer's moments alone are twice the weights). A
+    sharded `latest` (FSDP) is copied whole: its shards hold the weights and the optimizer together."""
     import shutil
 
+    sharded = is_sharded(latest)
+
     def fill(d: Path) -> None:
+        skip = [] if sharded else [TRAINER_DIR]
         shutil.copytree(latest, d, dirs_exist_ok=True,
-                        ignore=lambda folder, names: [TRAINER_DIR] if Path(folder) == Path(latest) else [])
-        meta = read_meta(d)
-        (d / META).write_text(json.dumps({**meta, "resumable": False}, indent=2))
+                        ignore=lambda folder, names: skip if Path(folder) == Path(latest) else [])
+        if not sharded:
+            (d / META).write_text(json.dumps({**read_meta(d), "resumable": False}, indent=2))
 
     write_dir_atomically(Path(kept), fill)
 

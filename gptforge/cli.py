@@ -19,10 +19,10 @@ from gptforge import __version__
 from gptforge.cli_errors import usage_error
 from gptforge.common import UserError
 from gptforge.config import RunConfig
-from gptforge.options import (ChatOptions, ClassifyOptions, EvalOptions, ExportGGUFOptions, ExportONNXOptions,
-                              ExportOptions, FinetuneOptions, GenerateOptions, ImportOptions, JudgeOptions,
-                              MergeLoraOptions, PrepareOptions, QuickstartOptions, RunsOptions, SynthOptions,
-                              CompletionOptions)
+from gptforge.options import (ChatOptions, ClassifyOptions, CompletionOptions, ConsolidateOptions, EvalOptions,
+                              ExportGGUFOptions, ExportONNXOptions, ExportOptions, FinetuneOptions, GenerateOptions,
+                              ImportOptions, JudgeOptions, MergeLoraOptions, PrepareOptions, QuickstartOptions,
+                              RunsOptions, SynthOptions)
 from gptforge.serve import ServeOptions  # a plain dataclass: fastapi and torch load when the server starts
 from gptforge.train.modes import MODES  # the modes' heavy parts load when they run
 
@@ -64,6 +64,8 @@ COMMANDS = [
     Command("finetune", FinetuneOptions, "gptforge.train.finetune:finetune_command",
             "Fine-tune: " + ", ".join(MODES) + "; LoRA for any.", config="YAML file with finetune/train/sample sections.",
             description=f"{FinetuneOptions.__doc__} Modes: {_MODE_LIST}."),
+    Command("consolidate", ConsolidateOptions, "gptforge.train.sharded:consolidate_command",
+            "Make a sharded (FSDP) checkpoint readable by every command."),
     Command("merge-lora", MergeLoraOptions, "gptforge.checkpoint:merge_lora_command",
             "Merge LoRA adapters into the base weights."),
     Command("classify", ClassifyOptions, "gptforge.classify:classify_command",

@@ -308,6 +308,8 @@ def setup_runtime(device: str = "auto", dtype: str = "auto") -> Runtime:
         if not dist.is_initialized():
             dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
     _allow_tf32(dev)
+    if rank != 0:
+        _quiet_rank()
     return Runtime(device=dev, dtype=pick_dtype(dtype, dev), rank=rank, local_rank=local_rank,
                    world_size=world_size)
 
@@ -338,12 +340,22 @@ def _allow_tf32(device: "torch.device") -> None:
         torch.backends.cudnn.allow_tf32 = True
 
 
-def teardown_runtime(runtime: Runtime) -> None:
-    if runtime.distributed:
-        import torch.distributed as dist
+def _quiet_rank() -> None:
+    """Every process of a multi-process run but rank 0 prints nothing (the run's lines and library warnings
+    once, not once per process); errors still reach standard error."""
+    import sys
+    import warnings
 
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    sys.stdout = open(os.devnull, "w")
+    warnings.simplefilter("ignore")
+
+
+def teardown_runtime(runtime: Runtime) -> None:
+    """Close the process group: torchrun's, or the one-process group FSDP made (train/parallelize.py)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def seed_everything(seed: int) -> None:

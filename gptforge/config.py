@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from gptforge.checks import check_ranges
 from gptforge.common import UserError
@@ -162,6 +162,12 @@ class TrainConfig:
     """cpu, cuda, cuda:N, mps, or auto (CUDA, then MPS, then CPU)."""
     dtype: str = "auto"
     """float32, bfloat16, float16 (autocast + GradScaler), or auto (bf16 on capable GPUs, else fp32)."""
+    strategy: str = "auto"
+    """How processes share the work: ddp (each holds the whole model), fsdp (each holds 1/N of the weights,
+    gradients and optimizer state; sharded checkpoints that resume on any number of processes), single (one
+    process), or auto (ddp under torchrun with several processes, else single). See docs/scale.md."""
+    allow_batch_change: bool = False
+    """Let a resumed run train with another global batch (tokens per step) than it was saved with."""
     compile: bool = False
     """Compile the model with torch.compile."""
     activation_checkpointing: bool = False
@@ -169,8 +175,9 @@ class TrainConfig:
     sequence (larger micro-batches or models fit) for up to a third more compute per step."""
     seed: int = 1337
     """Random seed for initialisation, data order and dropout."""
-    micro_batch_size: int = 12
-    """Sequences per forward pass per process."""
+    micro_batch_size: Union[int, str] = 12
+    """Sequences per forward pass per process, or auto (train only): the largest that fits in memory, keeping
+    --train.tokens_per_step by gradient accumulation (docs/scale.md)."""
     tokens_per_step: Optional[int] = None
     """Target tokens per optimizer step; gradient accumulation is derived from it (None = one micro-batch
     per process)."""
@@ -239,8 +246,11 @@ class TrainConfig:
     WANDB_MODE=offline keeps it on this machine)."""
 
     def validate(self) -> "TrainConfig":
+        if isinstance(self.micro_batch_size, str) and self.micro_batch_size != "auto":
+            raise UserError(f"train.micro_batch_size must be a positive integer or auto, got {self.micro_batch_size!r}")
         check_ranges(self, "train.", {
-            "seed": f"[0, {SEED_MAX}]", "micro_batch_size": "[1, inf)", "tokens_per_step": "[1, inf)",
+            **({} if self.micro_batch_size == "auto" else {"micro_batch_size": "[1, inf)"}),
+            "seed": f"[0, {SEED_MAX}]", "tokens_per_step": "[1, inf)",
             "max_steps": "[1, inf)", "time_limit_s": "(0, inf)", "lr": "(0, inf)", "muon_lr": "(0, inf)",
             "muon_momentum": "[0, 1)", "min_lr_ratio": "[0, 1]", "warmup_steps": "[0, inf)",
             "lr_decay_steps": "[1, inf)", "weight_decay": "[0, inf)", "beta1": "[0, 1)", "beta2": "[0, 1)",

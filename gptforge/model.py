@@ -12,7 +12,6 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torch.utils.checkpoint
 
 from gptforge.config import ModelConfig
 
@@ -129,7 +128,6 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.transformer.wte.weight
-        self.activation_checkpointing = False  # see set_activation_checkpointing
         self.apply(self._init_weights)
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -151,13 +149,6 @@ class GPT(nn.Module):
             raise ValueError(f"unknown attention implementation {impl!r}")
         for block in self.transformer.h:
             block.attn.use_sdpa = impl == "sdpa"
-
-    def set_activation_checkpointing(self, on: bool) -> None:
-        """Keep only each block's input during a training forward and recompute the rest during backward:
-        a block then holds one (B, T, C) tensor instead of the ~16 (B, T, C)-sized ones its backward needs
-        otherwise, for one extra forward pass of the blocks (~1/3 more compute). Forwards without a
-        backward (eval, no_grad, generation with the KV cache) run as before."""
-        self.activation_checkpointing = bool(on)
 
     def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None,
                 kv_cache: Optional[KVCache] = None, last_only: bool = False):
@@ -195,16 +186,9 @@ class GPT(nn.Module):
 
         x = self.transformer.wte(idx) + self.transformer.wpe(positions)  # (B, T, C)
         x = self.transformer.drop(x)
-        # Recomputation only pays when a backward pass will follow; a cached (decoding) forward never has one.
-        recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled() and kv_cache is None
         for i, block in enumerate(self.transformer.h):
-            if recompute:
-                # Non-reentrant: works under torch.compile and with frozen inputs; the RNG state is saved
-                # and restored, so dropout draws the same masks when the block is recomputed.
-                x = torch.utils.checkpoint.checkpoint(block, x, attn_mask, use_reentrant=False)
-            else:
-                cache = (kv_cache.k[i], kv_cache.v[i], start) if kv_cache is not None else None
-                x = block(x, attn_mask, cache)
+            cache = (kv_cache.k[i], kv_cache.v[i], start) if kv_cache is not None else None
+            x = block(x, attn_mask, cache)
         if kv_cache is not None:
             kv_cache.pos += T
         return self.transformer.ln_f(x)

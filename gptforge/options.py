@@ -145,6 +145,17 @@ class MergeLoraOptions:
 
 
 @dataclass
+class ConsolidateOptions:
+    """Write a sharded (FSDP) checkpoint's weights as one file, in place (docs/scale.md)."""
+
+    checkpoint: str
+    """Sharded checkpoint, or a run directory (uses its latest)."""
+
+    def validate(self) -> "ConsolidateOptions":
+        return self
+
+
+@dataclass
 class ClassifyOptions(RuntimeOptions):
     """Classify texts with a checkpoint from `gptforge finetune classify`: the label and each class's
     probability. Without --text or --file, classifies each line read from standard input until end of input."""

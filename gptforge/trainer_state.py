@@ -16,7 +16,8 @@ from gptforge.checks import checked
 # What the training loop reads from trainer/state.json (keys it may lack are optional)
 STATE_FIELDS: dict[str, Any] = {"step": int, "best_val_loss": Optional[float], "evals_since_best": int,
                                 "elapsed_s": float, "train_batches": dict, "rng": dict}
-OPTIONAL_STATE_FIELDS: dict[str, Any] = {"world_size": int, "tokens": int, "tokens_per_step": int, "scaler": dict}
+OPTIONAL_STATE_FIELDS: dict[str, Any] = {"world_size": int, "tokens": int, "tokens_per_step": int, "scaler": dict,
+                                         "rng_ranks": list[dict]}
 
 
 def flatten_optimizer_state(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
@@ -58,7 +59,8 @@ def check_trainer_state(state: Any, where: Path) -> dict:
         raise corrupt(str(e)) from None
     if state["step"] < 0 or state["evals_since_best"] < 0:
         raise corrupt("a negative step count")
-    _check_rng_state(state["rng"], corrupt)
+    for rng in [state["rng"], *state.get("rng_ranks", [])]:
+        _check_rng_state(rng, corrupt)
     return state
 
 

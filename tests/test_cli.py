@@ -173,9 +173,9 @@ def test_out_of_memory_suggests_smaller_micro_batch(tmp_path, capsys, monkeypatc
      ["gptforge: error: unrecognized arguments: --finetune.lora_rnk 4", "did you mean --finetune.lora.rank?",
       "see: gptforge finetune --help"]),
     (["trian"], ["gptforge: error: argument command: invalid choice: 'trian' (choose from 'prepare', 'train', "
-                 "'generate', 'quickstart', 'finetune', 'merge-lora', 'classify', 'chat', 'judge', 'synth', "
-                 "'import-gpt2', 'export-hf', 'export-gguf', 'export-onnx', 'eval', 'serve', 'runs', 'completion')", "did you mean train?",
-                 "see: gptforge --help"]),
+                 "'generate', 'quickstart', 'finetune', 'consolidate', 'merge-lora', 'classify', 'chat', 'judge', "
+                 "'synth', 'import-gpt2', 'export-hf', 'export-gguf', 'export-onnx', 'eval', 'serve', 'runs', "
+                 "'completion')", "did you mean train?", "see: gptforge --help"]),
     (["generate"], ["gptforge: error: the following arguments are required: generate.checkpoint",
                     "see: gptforge generate --help"]),
 ])

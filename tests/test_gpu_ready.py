@@ -14,6 +14,7 @@ from gptforge.config import DataConfig, ModelConfig
 from gptforge.data.prepare import prepare
 from gptforge.engine import Engine, SamplingParams
 from gptforge.model import GPT
+from gptforge.train.parallelize import apply_activation_checkpointing, is_activation_checkpointed
 from helpers import REPO, tiny_train_args, write_corpus
 
 GPU_BENCH = REPO / "bench" / "gpu"
@@ -64,7 +65,7 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients(dropout, cou
     x, y = torch.randint(0, 101, (4, 32)), torch.randint(0, 101, (4, 32))
     plain = loss_and_grads(model, x, y)
     assert not count_checkpoints
-    model.set_activation_checkpointing(True)
+    apply_activation_checkpointing(model)
     checkpointed = loss_and_grads(model, x, y)
     assert count_checkpoints == [False] * 3  # each block, non-reentrant
     assert torch.equal(plain[0], checkpointed[0])
@@ -84,7 +85,7 @@ def test_activation_checkpointing_with_a_frozen_body():
         p.requires_grad_(True)
     x, y = torch.randint(0, 101, (2, 32)), torch.randint(0, 101, (2, 32))
     plain = loss_and_grads(model, x, y)
-    model.set_activation_checkpointing(True)
+    apply_activation_checkpointing(model)
     checkpointed = loss_and_grads(model, x, y)
     assert torch.equal(plain[0], checkpointed[0]) and plain[1].keys() == checkpointed[1].keys() != set()
     for name, grad in plain[1].items():
@@ -93,7 +94,7 @@ def test_activation_checkpointing_with_a_frozen_body():
 
 def test_activation_checkpointing_leaves_evaluation_and_generation_alone(count_checkpoints):
     reference, model = tiny_model(), tiny_model()
-    model.set_activation_checkpointing(True)
+    apply_activation_checkpointing(model)
     x = torch.randint(0, 101, (2, 32))
     with torch.no_grad():
         assert torch.equal(model.train()(x)[0], reference.train()(x)[0])  # training mode, but no backward
@@ -102,7 +103,7 @@ def test_activation_checkpointing_leaves_evaluation_and_generation_alone(count_c
     prompts = [[1, 2, 3], [4, 5, 6, 7, 8]]
     assert Engine(model).generate(prompts, params) == Engine(reference).generate(prompts, params)  # KV cache
     assert not count_checkpoints
-    assert model.activation_checkpointing  # the setting survives eval(): training turns it back on
+    assert is_activation_checkpointed(model)  # survives eval(): training turns recomputation back on
 
 
 @pytest.fixture(scope="module")

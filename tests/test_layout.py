@@ -81,12 +81,19 @@ def test_model_is_pure_math():
     for node in ast.walk(ast.parse((PKG / "model.py").read_text())):
         if isinstance(node, (ast.Import, ast.ImportFrom)):
             imports |= {a.name for a in node.names} if isinstance(node, ast.Import) else {node.module}
+    # no torch.utils.checkpoint: activation checkpointing is applied from outside (train/parallelize.py)
     assert imports <= {"__future__", "math", "typing", "torch", "torch.nn", "torch.nn.functional",
-                       "torch.utils.checkpoint",
                        "gptforge.config"}, imports
     source = (PKG / "model.py").read_text()
     for word in ("print(", "open(", "logging", "distributed"):
         assert word not in source
+
+
+def test_distributed_code_lives_in_train():
+    """Process groups are set up in common.py; everything else distributed (DDP, FSDP, sharded checkpoints)
+    is applied from outside the model, in gptforge/train/."""
+    found = {str(p.relative_to(PKG)) for p in PKG.rglob("*.py") if "torch.distributed" in p.read_text()}
+    assert {f for f in found if not f.startswith("train/")} <= {"common.py"}, found
 
 
 def test_import_gptforge_is_light():

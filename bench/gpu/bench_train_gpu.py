@@ -47,6 +47,7 @@ from gptforge.config import ModelConfig, TrainConfig, resolve_model_config  # no
 from gptforge.model import GPT, count_parameters  # noqa: E402
 from gptforge.train.loop import is_out_of_memory  # noqa: E402
 from gptforge.train.optim import make_optimizer  # noqa: E402
+from gptforge.train.parallelize import apply_activation_checkpointing  # noqa: E402
 
 SMOKE_MODEL = dict(n_layer=2, n_head=2, n_embd=64, block_size=64)
 
@@ -202,7 +203,8 @@ def largest_batch(preset: str, checkpointing: bool, args, device: torch.device) 
     torch.manual_seed(0)
     with torch.device(device):  # initialise in place: gpt2-xl's 1.6B parameters on the CPU take long
         model = GPT(cfg).train()
-    model.set_activation_checkpointing(checkpointing)
+    if checkpointing:
+        apply_activation_checkpointing(model)
     opt = make_optimizer(model, TrainConfig(lr=1e-4), device.type)
     fn = torch.compile(model, dynamic=False) if args.compile else model
 

@@ -3,20 +3,21 @@
 The split is one virtual stream: its shards in order, memory-mapped (never loaded). A window may cross a
 shard boundary; the stream is contiguous text in shard order, so that is just more of the same stream.
 
-Distributed training sees exactly what single-process training with the same global batch sees:
-a global micro-batch counter `g` counts next_batch() calls; global micro-batch g has B * world_size
-rows and rank r takes rows [r*B, (r+1)*B). So one process with batch 2B and two ranks with batch B
-train on the same rows.
-- random: the B * world_size window starts of micro-batch g are drawn by a torch.Generator seeded from
-  (seed, g), uniformly over all windows (as nanoGPT's torch.randint(len(data) - T, (B,))).
+Distributed training sees exactly what single-process training with the same global batch sees: one
+global cursor `rows` counts the rows handed out by all ranks; the next global micro-batch is rows
+[rows, rows + B * world_size) and rank r takes B of them from rows + r*B. Global row i is always the same
+window, whatever the batch size, number of ranks or gradient accumulation, so one process with batch 2B,
+two ranks with batch B and one process with batch B and 2 accumulation micro-steps train on the same rows.
+- random: the window start of global row i is drawn uniformly over all windows (as nanoGPT's
+  torch.randint(len(data) - T, (B,))) by a torch.Generator seeded from (seed, i // DRAW_BLOCK), which
+  draws the starts of DRAW_BLOCK consecutive rows at once.
 - sequential: a pass over the stream in consecutive windows; global row i starts at (i * T) mod L,
-  L = the largest multiple of T with a full T + 1 window at every start. Counting rows (not calls) also
-  makes batch B with 2 gradient-accumulation micro-steps equal to batch 2B.
+  L = the largest multiple of T with a full T + 1 window at every start.
 
 state_dict()/load_state_dict() resume exactly: the next batch after loading is the one the saved loader
-would have produced next. Resuming with a different batch size or world size is allowed: sequential
-sampling then continues at the same row of the stream (nothing skipped or repeated), random sampling
-draws from the same seeds, but the rows of each batch differ from the uninterrupted run's.
+would have produced next. The state is the global cursor, independent of the number of ranks, so a run
+saved on N ranks resumes on M with the same global batch (accumulation adjusted) and trains on the same
+rows as the uninterrupted run.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from gptforge.common import UserError
 from gptforge.data.prepare import load_manifest, shard_size
 
 SAMPLINGS = ("random", "sequential")
+DRAW_BLOCK = 4096  # random window starts drawn per generator seed (a micro-batch rarely needs a second block)
 
 
 class TokenLoader:
@@ -48,8 +50,9 @@ class TokenLoader:
         self.B, self.T, self.rank, self.world_size = batch_size, block_size, rank, world_size
         self.seed, self.sampling = seed, sampling
         self.device = torch.device(device)
-        self.g = 0  # global micro-batch counter: next_batch() calls so far
-        self.rows = 0  # global rows consumed so far (g * B * world_size while those stay fixed)
+        self.g = 0  # next_batch() calls so far (kept for the record; the cursor is `rows`)
+        self.rows = 0  # the global cursor: rows handed out so far, by all ranks
+        self._drawn: tuple[int, np.ndarray] = (-1, np.empty(0, dtype=np.int64))  # random: the last block drawn
 
         manifest = load_manifest(self.data_dir)
         self.manifest = manifest
@@ -79,11 +82,17 @@ class TokenLoader:
     # --- which windows ------------------------------------------------------------------------------
     def _global_starts(self) -> np.ndarray:
         """Window starts of all B * world_size rows of the current global micro-batch."""
-        n = self.B * self.world_size
+        rows = self.rows + np.arange(self.B * self.world_size, dtype=np.int64)
         if self.sampling == "random":
-            gen = torch.Generator().manual_seed((self.seed * 1_000_003 + self.g) % (2**63))
-            return torch.randint(self.n_tokens - self.T, (n,), generator=gen).numpy()
-        return (self.rows + np.arange(n, dtype=np.int64)) * self.T % self.usable
+            return np.array([self._random_start(int(i)) for i in rows], dtype=np.int64)
+        return rows * self.T % self.usable
+
+    def _random_start(self, row: int) -> int:
+        block, offset = divmod(row, DRAW_BLOCK)
+        if self._drawn[0] != block:
+            gen = torch.Generator().manual_seed((self.seed * 1_000_003 + block) % (2**63))
+            self._drawn = (block, torch.randint(self.n_tokens - self.T, (DRAW_BLOCK,), generator=gen).numpy())
+        return self._drawn[1][offset]
 
     def _window(self, start: int) -> np.ndarray:
         """Tokens [start, start + T + 1) of the virtual stream, possibly spanning shards."""

@@ -19,15 +19,16 @@ import torch
 
 from gptforge.checkpoint import FINETUNE_META, base_fingerprint, load_model, resolve_checkpoint, run_checkpoint
 from gptforge.common import Runtime, UserError, atomic_write_text, seed_everything, setup_runtime, teardown_runtime
-from gptforge.config import FinetuneConfig, RunConfig, SampleConfig, TrainConfig
+from gptforge.config import FinetuneConfig, SampleConfig, TrainConfig
 from gptforge.lora import LoRAConfig, apply_lora, count_trainable, has_lora
 from gptforge.model import GPT
 from gptforge.options import FinetuneOptions
 from gptforge.textgen import generate_text
 from gptforge.train.history import record_run_config
-from gptforge.train.loop import LoopResult, train_loop
+from gptforge.train.loop import LoopResult, resumed_accumulation, train_loop
 from gptforge.train.metrics import plot_losses, plot_sweep
 from gptforge.train.modes import MODES, Mode
+from gptforge.train.sharded import load_for_training
 
 @dataclasses.dataclass
 class FinetuneResult:
@@ -49,6 +50,8 @@ def run_finetune(mode: str, base: str, ft: FinetuneConfig, tc: TrainConfig,
     sample = sample or SampleConfig()
     for options in (ft, tc, sample):
         options.validate()
+    if tc.micro_batch_size == "auto":  # sized by trial steps of pretraining's fixed-length windows
+        raise UserError("--train.micro_batch_size auto is for `gptforge train`; give fine-tuning a number")
     own_runtime = runtime is None
     runtime = runtime or setup_runtime(tc.device, tc.dtype)
     try:
@@ -77,7 +80,7 @@ def _finetune_once(mode_name: str, base: str, ft: FinetuneConfig, tc: TrainConfi
     seed_everything(tc.seed + runtime.rank)
 
     # The model and tokenizer: the base's, or the run's own when resuming (tokens, head, adapters included).
-    model, tokenizer, meta = load_model(resume_from or base_path, runtime.device)
+    model, tokenizer, meta = load_for_training(resume_from or base_path, runtime.device)
     labels = (meta.get("classifier") or {}).get("labels") if resume_from else None
     mode: Mode = MODES[mode_name](ft, labels) if mode_name == "classify" else MODES[mode_name](ft)
     if resume_from is not None:
@@ -102,13 +105,14 @@ def _finetune_once(mode_name: str, base: str, ft: FinetuneConfig, tc: TrainConfi
     trainable, total = count_trainable(model)
 
     steps_per_epoch = sources["train"].steps_per_epoch
+    if resume_from is not None:  # resumed on another number of processes, the run keeps its global batch
+        steps_per_epoch = math.ceil(steps_per_epoch / resumed_accumulation(resume_from, tc, block, runtime.world_size))
     eval_every = max(1, steps_per_epoch // max(1, ft.evals_per_epoch))
     max_steps = math.ceil(ft.epochs * steps_per_epoch) if ft.epochs > 0 else tc.max_steps
     # samples at every evaluation unless --train.sample_every says otherwise
     tc = dataclasses.replace(tc, max_steps=max_steps, eval_every=eval_every, checkpoint_every=eval_every,
                              keep_checkpoints=not trial, tokens_per_step=None, eval_tasks=[],
                              sample_every=0 if trial else (tc.sample_every or eval_every))
-    cfg = RunConfig(model=model.config, train=tc, sample=sample)
     checkpoint_meta = {FINETUNE_META: {"mode": mode_name, "base": str(base_path), "data": str(ft.data)},
                        **mode.checkpoint_meta()}
     if lora is not None:
@@ -131,8 +135,8 @@ def _finetune_once(mode_name: str, base: str, ft: FinetuneConfig, tc: TrainConfi
     val = sources["val"]
     prompt = mode.sample_prompt(tokenizer, splits)
     result = train_loop(
-        model, tokenizer, sources["train"], (lambda: val.iter_epoch()) if val is not None else None, cfg, runtime,
-        run_dir, resume_from=resume_from,
+        model, tokenizer, sources["train"], (lambda: val.iter_epoch()) if val is not None else None, tc, block,
+        runtime, run_dir, resume_from=resume_from,
         sample_fn=_sampler(tokenizer, prompt, sample, tc, runtime) if prompt is not None and tc.sample_every else None,
         task_fn=(lambda m: mode.metrics(m, eval_sources, runtime)) if runtime.is_main and _has_metrics(mode) else None,
         checkpoint_meta=checkpoint_meta)

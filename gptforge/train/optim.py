@@ -70,6 +70,18 @@ def orthogonalize(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
     return x.t() if tall else x
 
 
+def _orthogonalize_whole(g: torch.Tensor) -> torch.Tensor:
+    """orthogonalize(g) for a whole matrix, also when FSDP shards it by rows (a DTensor): the matrix is
+    gathered on every process, each orthogonalises it (the same result everywhere: same input, same ops)
+    and keeps its own rows. The other way, torchtitan's DistMuon, gives each matrix to one process and
+    scatters the result: less arithmetic, more communication and code; docs/scale.md has the measurement."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if not isinstance(g, DTensor):
+        return orthogonalize(g)
+    return distribute_tensor(orthogonalize(g.full_tensor()), g.device_mesh, g.placements, src_data_rank=None)
+
+
 class Muon(torch.optim.Optimizer):
     """MomentUm Orthogonalized by Newton-schulz for hidden matrices; AdamW for every other group.
 
@@ -94,7 +106,7 @@ class Muon(torch.optim.Optimizer):
                 if group["use_muon"]:
                     buf = state.setdefault("momentum_buffer", torch.zeros_like(p))
                     buf.mul_(group["momentum"]).add_(p.grad)
-                    update = orthogonalize(p.grad.add(buf, alpha=group["momentum"]))  # Nesterov
+                    update = _orthogonalize_whole(p.grad.add(buf, alpha=group["momentum"]))  # Nesterov
                     p.add_(update, alpha=-lr * max(1.0, p.size(0) / p.size(1)) ** 0.5)
                 else:
                     self._adamw_update(p, state, group)

@@ -6,7 +6,7 @@ import dataclasses
 from pathlib import Path
 from typing import Optional
 
-from gptforge.checkpoint import load_model, load_trainer_state, read_model_config, resolve_checkpoint, run_checkpoint
+from gptforge.checkpoint import load_trainer_state, read_model_config, resolve_checkpoint, run_checkpoint
 from gptforge.common import Runtime, UserError, seed_everything, setup_runtime, teardown_runtime
 from gptforge.config import ModelConfig, RunConfig, resolve_model_config
 from gptforge.data.loader import TokenLoader
@@ -15,7 +15,10 @@ from gptforge.model import GPT, count_parameters
 from gptforge.tokenizer import Tokenizer, load_tokenizer
 from gptforge.train.history import record_run_config
 from gptforge.train.loop import LoopResult, train_loop
+from gptforge.train.memory import choose_micro_batch
 from gptforge.train.notices import cpu_model_notice
+from gptforge.train.parallelize import resolve_strategy
+from gptforge.train.sharded import load_for_training
 
 VAL_SEED = 12345  # fixed, so every evaluation sees the same validation windows
 
@@ -121,10 +124,13 @@ def run_training(cfg: RunConfig, runtime: Optional[Runtime] = None) -> LoopResul
         seed_everything(cfg.train.seed + runtime.rank)
         if resume_from is not None or cfg.train.init_from:
             source = resume_from if resume_from is not None else Path(cfg.train.init_from)
-            model, _, _ = load_model(source, runtime.device)
+            model, _, _ = load_for_training(source, runtime.device)  # a sharded `latest` is read by the loop
             model = _with_dropout(model, model_cfg.dropout)
         else:
             model = GPT(model_cfg).to(runtime.device)
+        if cfg.train.micro_batch_size == "auto":  # decided here, so config.yaml keeps the choice
+            strategy = resolve_strategy(cfg.train.strategy, runtime)
+            cfg = dataclasses.replace(cfg, train=choose_micro_batch(model, cfg.train, runtime, strategy))
         if runtime.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             record_run_config(run_dir, dataclasses.asdict(cfg), _step_of(resume_from), runtime.print)
@@ -148,8 +154,8 @@ def run_training(cfg: RunConfig, runtime: Optional[Runtime] = None) -> LoopResul
 
         if not has_val:
             runtime.print("no validation split large enough for one window: training without validation")
-        return train_loop(model, tokenizer, train_batches, val_batches if has_val else None, cfg, runtime,
-                          run_dir, resume_from=resume_from,
+        return train_loop(model, tokenizer, train_batches, val_batches if has_val else None, tc,
+                          model_cfg.block_size, runtime, run_dir, resume_from=resume_from,
                           sample_fn=make_sample_fn(cfg, tokenizer, runtime) if tc.sample_every else None,
                           task_fn=make_task_fn(cfg, tokenizer, runtime) if tc.eval_tasks and runtime.is_main else None)
     finally:

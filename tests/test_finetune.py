@@ -218,3 +218,29 @@ def test_an_explicit_max_steps_wins_over_epochs(base, tmp_path):
     assert json.loads((tmp_path / "run/checkpoints/latest/meta.json").read_text())["step"] == 5
     per_epoch = int(re.search(r"(\d+) steps per epoch", res.stdout)[1])
     assert 3 * per_epoch != 5  # the epochs would have given another count
+
+
+def train_losses(run_dir: Path) -> list[float]:
+    rows = map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+    return [r["loss"] for r in rows if "loss" in r]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode, data, extra", [
+    ("classify", SMS, ("--finetune.lora.rank", "4", "--finetune.balance", "downsample")),
+    ("chat", OASST, ()),
+], ids=["classify-lora", "chat"])
+def test_fine_tuning_under_fsdp_follows_plain_training(base, tmp_path, mode, data, extra):
+    """FSDP (one gloo process here; tests/test_scale.py runs several) changes where parameters live, not what
+    fine-tuning computes: frozen base and adapters, a grown vocabulary, a classifier head."""
+    runs = {}
+    for strategy in ("single", "fsdp"):
+        runs[strategy] = tmp_path / strategy
+        res = finetune(mode, base, data, runs[strategy], "--train.max_steps", "4", "--train.strategy", strategy, *extra)
+        assert res.returncode == 0, res.stderr
+    plain, sharded = train_losses(runs["single"]), train_losses(runs["fsdp"])
+    assert len(plain) >= 2 and sharded == pytest.approx(plain, abs=1e-5)
+    a, _, _ = load_model(runs["single"])
+    b, _, _ = load_model(runs["fsdp"])
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        torch.testing.assert_close(y, x, atol=1e-5, rtol=0, msg=name)

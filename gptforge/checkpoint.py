@@ -416,6 +416,24 @@ def resolve_checkpoint(path: Path) -> Path:
                     f"{CHECKPOINTS}/best or {CHECKPOINTS}/latest")
 
 
+def keep_weights_copy(latest: Path, kept: Path) -> None:
+    """checkpoints/step_N (keep_checkpoints, fine-tuning's per-epoch copies): `latest` without its trainer
+    state, which only `latest` needs to resume (the optimizer's moments alone are twice the weights). A
+    sharded `latest` (FSDP) is copied whole: its shards hold the weights and the optimizer together."""
+    import shutil
+
+    sharded = is_sharded(latest)
+
+    def fill(d: Path) -> None:
+        skip = [] if sharded else [TRAINER_DIR]
+        shutil.copytree(latest, d, dirs_exist_ok=True,
+                        ignore=lambda folder, names: skip if Path(folder) == Path(latest) else [])
+        if not sharded:
+            (d / META).write_text(json.dumps({**read_meta(d), "resumable": False}, indent=2))
+
+    write_dir_atomically(Path(kept), fill)
+
+
 # --- merging adapters ---------------------------------------------------------------------------------
 def merge_lora_checkpoint(path: Path, out: Path) -> Path:
     """A LoRA checkpoint -> a plain checkpoint with the adapters folded into the weights."""

@@ -15,12 +15,14 @@ from typing import Optional
 
 from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser, Namespace, set_parsing_settings
 
+from gptforge import __version__
 from gptforge.cli_errors import usage_error
 from gptforge.common import UserError
 from gptforge.config import RunConfig
-from gptforge.options import (ChatOptions, ClassifyOptions, ConsolidateOptions, EvalOptions, ExportGGUFOptions,
-                              ExportONNXOptions, ExportOptions, FinetuneOptions, GenerateOptions, ImportOptions, JudgeOptions,
-                              MergeLoraOptions, PrepareOptions, QuickstartOptions, SynthOptions)
+from gptforge.options import (ChatOptions, ClassifyOptions, CompletionOptions, ConsolidateOptions, EvalOptions,
+                              ExportGGUFOptions, ExportONNXOptions, ExportOptions, FinetuneOptions, GenerateOptions,
+                              ImportOptions, JudgeOptions, MergeLoraOptions, PrepareOptions, QuickstartOptions,
+                              RunsOptions, SynthOptions)
 from gptforge.serve import ServeOptions  # a plain dataclass: fastapi and torch load when the server starts
 from gptforge.train.modes import MODES  # the modes' heavy parts load when they run
 
@@ -81,6 +83,10 @@ COMMANDS = [
     Command("eval", EvalOptions, "gptforge.eval.run:eval_command",
             "Perplexity, bits per byte, HellaSwag and other benchmarks."),
     Command("serve", ServeOptions, "gptforge.serve.app:serve", "OpenAI-compatible API server and web app."),
+    Command("runs", RunsOptions, "gptforge.train.runs:runs_command",
+            "List runs: kind, step, best validation loss, tokens, size, last update."),
+    Command("completion", CompletionOptions, "gptforge.cli_completion:completion_command",
+            "Print a bash or zsh completion script."),
 ]
 BY_NAME = {command.name: command for command in COMMANDS}
 
@@ -90,6 +96,7 @@ def build_parser() -> ArgumentParser:
     # an error with a suggestion, never silently expanded (jsonargparse 5 drops abbreviations too).
     parser = ArgumentParser(prog="gptforge", description="Train, sample and inspect GPT-2 models you own.",
                             exit_on_error=False, allow_abbrev=False)
+    parser.add_argument("--version", action="version", version=f"gptforge {__version__}")
     sub = parser.add_subcommands(dest="command")
     for command in COMMANDS:
         sub.add_subcommand(command.name, command_parser(command), help=command.help)
@@ -106,7 +113,8 @@ def command_parser(command: Command) -> ArgumentParser:
     p.add_class_arguments(command.options, as_group=False, as_positional=True, skip=set(special))
     for name, kwargs in special.items():
         flag = kwargs.pop("flag", f"--{name}")
-        p.add_argument(flag, dest=name, help=_field_doc(command.options, name), **kwargs)
+        where = {"dest": name} if flag.startswith("-") else {}  # a positional's name is its dest
+        p.add_argument(flag, help=_field_doc(command.options, name), **where, **kwargs)
     return p
 
 

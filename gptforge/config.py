@@ -9,10 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Optional, Union
-
-import yaml
 
 from gptforge.checks import check_ranges
 from gptforge.common import UserError
@@ -243,6 +240,10 @@ class TrainConfig:
     """Redraw loss.png in the run directory at every evaluation."""
     progress: bool = True
     """Show a progress bar."""
+    loggers: list[str] = field(default_factory=lambda: ["jsonl"])
+    """Where metrics, hyperparameters and samples go: jsonl (metrics.jsonl + loss.png, always on), tensorboard
+    (events in <run_dir>/tensorboard; pip install 'gptforge[tensorboard]'), wandb (pip install 'gptforge[wandb]';
+    WANDB_MODE=offline keeps it on this machine)."""
 
     def validate(self) -> "TrainConfig":
         if isinstance(self.micro_batch_size, str) and self.micro_batch_size != "auto":
@@ -256,8 +257,13 @@ class TrainConfig:
             "grad_clip": "[0, inf)", "eval_every": "[0, inf)", "eval_batches": "[1, inf)", "log_every": "[1, inf)",
             "sample_every": "[0, inf)", "sample_tokens": "[1, inf)", "eval_tasks_every": "[0, inf)",
             "eval_tasks_limit": "[0, inf)", "checkpoint_every": "[0, inf)", "early_stop_patience": "[0, inf)"})
+        unknown = [name for name in self.loggers if name not in LOGGERS]
+        if unknown:
+            raise UserError(f"train.loggers: unknown logger {unknown[0]!r}; choose from {', '.join(LOGGERS)}")
         return self
 
+
+LOGGERS = ("jsonl", "tensorboard", "wandb")  # gptforge/train/loggers.py writes each
 
 # LoRA target name -> module paths inside a Block (matched as the last two parts of a module's name)
 LORA_TARGETS: dict[str, tuple[str, ...]] = {
@@ -406,10 +412,3 @@ class RunConfig:
         for section in (self.data, self.train, self.sample):
             section.validate()
         return self
-
-
-def save_yaml(cfg: Any, path: Path) -> None:
-    from gptforge.common import atomic_write_text
-
-    atomic_write_text(Path(path), yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
-

@@ -91,32 +91,36 @@ class GenerateOptions(InferenceOptions):
     prompt_file: Optional[str] = None
     """Read the prompt from this file."""
     sample: SampleConfig = field(default_factory=SampleConfig)
-    stream: bool = False
-    """Print tokens as they are generated."""
+    stream: str = "auto"
+    """Print tokens as they are generated: true, false, or auto (when the output is a terminal)."""
     truncate: Optional[str] = None
     """'left' keeps the last tokens of a prompt longer than the context window."""
 
     def validate(self) -> "GenerateOptions":
         if self.truncate not in (None, "left"):
             raise UserError(f"--truncate takes 'left', got {self.truncate!r}")
+        if self.stream not in ("auto", "true", "false"):
+            raise UserError(f"--stream takes auto, true or false, got {self.stream!r}")
         self.sample.validate()
         return self
+
+    def streams(self, out) -> bool:
+        """Whether to stream to `out`: as asked, or (auto) when it is a terminal someone watches."""
+        return self.stream == "true" or (self.stream == "auto" and out.isatty())
 
 
 @dataclass
 class QuickstartOptions(RuntimeOptions):
-    """Download the built-in Shakespeare corpus, train a small character-level model on it for a few minutes,
-    and print samples."""
+    """Download the built-in Shakespeare corpus, train a small character-level model on it with a fixed recipe
+    (about a minute on a laptop CPU), print samples and say how to serve it."""
 
     run_dir: str = "runs/quickstart"
     """Where the run is written."""
-    minutes: float = 3.0
-    """Training time budget in minutes."""
     steps: Optional[int] = None
-    """Train exactly this many steps instead of sizing the run to --minutes."""
+    """Train this many steps instead of the recipe's 2000 (fewer: a quick smoke test; quality drops)."""
 
     def validate(self) -> "QuickstartOptions":
-        check_ranges(self, "--", {"minutes": "(0, inf)", "steps": "[1, inf)"})
+        check_ranges(self, "--", {"steps": "[1, inf)"})
         return self
 
 
@@ -389,3 +393,29 @@ class EvalOptions(InferenceOptions):
     def validate(self) -> "EvalOptions":
         check_ranges(self, "--", {"stride": "[1, inf)", "limit": "[1, inf)", "batch_size": "[1, inf)"})
         return self
+
+
+@dataclass
+class RunsOptions:
+    """List the training runs in a folder: kind, step, best validation loss, tokens, size, last update."""
+
+    dir: str = field(default="runs", metadata=argparse_only(flag="dir", nargs="?", type=str, default="runs"))
+    """The folder holding run directories (or one run directory)."""
+
+    def validate(self) -> "RunsOptions":
+        return self
+
+
+@dataclass
+class CompletionOptions:
+    """Print a shell completion script. bash: `source <(gptforge completion bash)` (or save it under
+    ~/.local/share/bash-completion/completions/gptforge); zsh: `source <(gptforge completion zsh)` in ~/.zshrc."""
+
+    shell: str
+    """bash or zsh."""
+
+    def validate(self) -> "CompletionOptions":
+        if self.shell not in ("bash", "zsh"):
+            raise UserError(f"completion scripts exist for bash and zsh, got {self.shell!r}")
+        return self
+

@@ -1,6 +1,7 @@
 """The command line: help for everything, generate from checkpoints, and one clear line for bad input."""
 
 import json
+import sys
 
 import pytest
 import torch
@@ -173,8 +174,8 @@ def test_out_of_memory_suggests_smaller_micro_batch(tmp_path, capsys, monkeypatc
       "see: gptforge finetune --help"]),
     (["trian"], ["gptforge: error: argument command: invalid choice: 'trian' (choose from 'prepare', 'train', "
                  "'generate', 'quickstart', 'finetune', 'consolidate', 'merge-lora', 'classify', 'chat', 'judge', "
-                 "'synth', 'import-gpt2', 'export-hf', 'export-gguf', 'export-onnx', 'eval', 'serve')",
-                 "did you mean train?", "see: gptforge --help"]),
+                 "'synth', 'import-gpt2', 'export-hf', 'export-gguf', 'export-onnx', 'eval', 'serve', 'runs', "
+                 "'completion')", "did you mean train?", "see: gptforge --help"]),
     (["generate"], ["gptforge: error: the following arguments are required: generate.checkpoint",
                     "see: gptforge generate --help"]),
 ])
@@ -222,3 +223,21 @@ def test_parser_builds_without_torch_import():
     assert build_parser() is not None
     with pytest.raises(UserError):
         raise UserError("sanity")
+
+
+def test_generate_streams_by_default_only_to_a_terminal(checkpoint, capsys, monkeypatch):
+    import gptforge.textgen as textgen
+
+    streamed = []
+    real = textgen.stream_text
+    monkeypatch.setattr(textgen, "stream_text", lambda *a, **k: streamed.append(1) or real(*a, **k))
+    argv = ["generate", str(checkpoint), "--prompt", "The king", "--sample.max_new_tokens", "5", "--device", "cpu"]
+    main(argv)  # captured output is not a terminal: printed at the end
+    assert not streamed
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True, raising=False)
+    main(argv)
+    assert streamed == [1]
+    main(argv + ["--stream", "false"])
+    assert streamed == [1]
+    capsys.readouterr()
+    fails_with(capsys, argv + ["--stream", "maybe"], "--stream takes auto, true or false")

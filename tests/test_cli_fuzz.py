@@ -65,8 +65,7 @@ OUT_OF_RANGE = [
 ]
 # Options of one subcommand only (not from a config dataclass).
 CLI_ONLY = [
-    (["quickstart", "--run_dir", "{run}", "--minutes", "0"], "--minutes"),
-    (["quickstart", "--run_dir", "{run}", "--minutes", "nan"], "--minutes"),
+    (GENERATE + ["--stream", "maybe"], "--stream"),
     (["quickstart", "--run_dir", "{run}", "--steps", "0"], "--steps"),
     (JUDGE + ["--timeout", "0"], "--timeout"), (JUDGE + ["--timeout", "inf"], "--timeout"),
     (JUDGE + ["--retries", "-1"], "--retries"), (JUDGE + ["--concurrency", "0"], "--concurrency"),

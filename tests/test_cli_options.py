@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from gptforge.cli import COMMANDS, command_parser
+from gptforge.cli import COMMANDS, build_parser, command_parser
 from helpers import REPO
 
 OPTION = re.compile(r"(?<![\w-])--[a-z][a-z0-9_-]*(?:\.[a-z0-9_-]+)*")
@@ -25,11 +25,14 @@ def options_of(parser) -> set[str]:
 
 
 PARSERS = {c.name: options_of(command_parser(c)) for c in COMMANDS}
+TOP_LEVEL = options_of(build_parser()) - {"--help"}  # `gptforge --version`: no command's, valid anywhere
 
 
 def unknown(option: str, commands) -> bool:
     """Whether `option` exists in none of `commands`' parsers (all of them when None). An option of a
     section (--train.lr) must also exist wherever that section does: a section means the same everywhere."""
+    if option in TOP_LEVEL:
+        return False
     names = PARSERS if commands is None else commands
     if not any(option in PARSERS[c] for c in names):
         return True

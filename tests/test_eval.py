@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from gptforge.checkpoint import save_checkpoint
 from gptforge.cli import main
-from gptforge.common import UserError, cache_dir
+from gptforge.common import UserError, cache_dir, setup_runtime
 from gptforge.config import DataConfig, ModelConfig
 from gptforge.data.prepare import load_manifest, prepare
 from gptforge.eval import (TASKS, ChoiceExample, ChoiceScore, choice_metrics, evaluate_lm, harness_preprocess,
@@ -401,3 +401,24 @@ def test_classifier_checkpoint_is_one_clear_error():
     with pytest.raises(UserError, match="classifier"):
         score_choices(wrapped, CharTokenizer.train(["abc"]), [example])
 
+
+
+def test_loss_and_perplexity_are_measured_once(byte_checkpoint, tmp_path, monkeypatch):
+    """The two names are one measurement: asking for both must not read and score the data twice."""
+    import gptforge.eval.run as run_module
+
+    (tmp_path / "t.txt").write_text(TEXT)
+    calls = []
+    real = run_module.run_task
+    monkeypatch.setattr(run_module, "run_task", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+    report = run_module.evaluate_checkpoint(byte_checkpoint, "loss,perplexity", data=tmp_path / "t.txt",
+                                            runtime=setup_runtime("cpu", "float32"), stride=8)
+    assert calls == ["loss"]
+    assert report["results"]["perplexity"]["task"] == "perplexity"
+    assert report["results"]["perplexity"]["perplexity"] == report["results"]["loss"]["perplexity"]
+    # different data per name: two measurements
+    (tmp_path / "u.txt").write_text(TEXT[::-1])
+    calls.clear()
+    run_module.evaluate_checkpoint(byte_checkpoint, "loss,perplexity", data=f"loss={tmp_path / 't.txt'},"
+                                   f"perplexity={tmp_path / 'u.txt'}", runtime=setup_runtime("cpu", "float32"))
+    assert calls == ["loss", "perplexity"]

@@ -20,7 +20,7 @@ LAYERS = {
     "gptforge.engine": 4, "gptforge.textgen": 4, "gptforge.interop": 4, "gptforge.eval": 4, "gptforge.client": 4,
     "gptforge.classify": 4, "gptforge.export": 4,
     "gptforge.train": 5,
-    "gptforge.serve": 6, "gptforge.apps": 6, "gptforge.cli": 6, "gptforge.cli_errors": 6, "gptforge.__main__": 7,
+    "gptforge.serve": 6, "gptforge.apps": 6, "gptforge.cli": 6, "gptforge.cli_errors": 6, "gptforge.cli_completion": 6, "gptforge.__main__": 7,
 }
 
 

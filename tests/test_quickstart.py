@@ -1,28 +1,40 @@
 """The README's main job, shrunk to seconds: fetch the built-in corpus, prepare, train, sample. The run is
-a fixed number of steps, so the result does not depend on how fast the machine is; sizing a run to a time
-budget is tested on its own, with a clock the test controls."""
+a fixed recipe with a fixed number of steps, so the result does not depend on how fast or busy the
+machine is; a finished run is not trained again."""
 
 import json
+from pathlib import Path
 
 import pytest
+import yaml
 
-from gptforge.common import setup_runtime
-from gptforge.config import ModelConfig
-from gptforge.apps.quickstart import quickstart, seconds_per_step, steps_for_budget
+from gptforge.apps.quickstart import QUICKSTART_MODEL, QUICKSTART_STEPS, quickstart, quickstart_train_config
+
+BENCH = Path(__file__).parent.parent / "bench" / "configs" / "shakespeare_char_cpu.yaml"
+
+
+def test_the_recipe_is_the_benchmarked_one_and_fixed():
+    """The quickstart trains bench/configs/shakespeare_char_cpu.yaml's tuned recipe (docs/benchmarks.md),
+    for a step count that nothing measured on this machine changes."""
+    bench = yaml.safe_load(BENCH.read_text())
+    tc = quickstart_train_config(Path("r"), "cpu", "auto", QUICKSTART_STEPS)
+    for key, value in bench["model"].items():
+        assert getattr(QUICKSTART_MODEL, key) == value, key
+    for key in ("micro_batch_size", "max_steps", "lr", "warmup_steps", "min_lr_ratio", "beta2", "weight_decay",
+                "eval_every", "eval_batches"):
+        assert getattr(tc, key) == bench["train"][key], key
+    assert tc.time_limit_s is None  # time never cuts the run short
 
 
 @pytest.mark.slow
 def test_quickstart_end_to_end(tmp_path, capsys, monkeypatch):
-    def no_timing(*args, **kwargs):
-        raise AssertionError("a fixed step count must not time the machine")
-
-    monkeypatch.setattr("gptforge.apps.quickstart.seconds_per_step", no_timing)
     run_dir = tmp_path / "qs"
     quickstart(run_dir=run_dir, steps=50, device="cpu")
     out = capsys.readouterr().out
     assert "training 50 steps" in out
     assert out.count("ROMEO:") >= 2  # two samples printed
     assert "best checkpoint: step" in out
+    assert f"gptforge serve {run_dir}" in out and "web app" in out
     manifest = json.loads((run_dir / "data" / "manifest.json").read_text())
     assert manifest["source"] == "shakespeare" and manifest["tokenizer"]["kind"] == "char"
     assert manifest["splits"]["train"]["tokens"] > 4_000_000  # the 42 works, not a stub
@@ -35,13 +47,14 @@ def test_quickstart_end_to_end(tmp_path, capsys, monkeypatch):
     # below uniform over ~85 characters (4.44): it learned something in 50 steps
     assert vals and vals[-1] < 3.6
 
+    # run again: the finished run is reported (and still sampled and pointed at), not trained again
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished quickstart run must not train again")
 
-def test_the_run_is_sized_to_the_budget_by_the_measured_step_time():
-    # start/end readings of four timed steps: the first (one-off allocations) is ignored, the fastest counts
-    ticks = iter([0.0, 9.0, 10.0, 10.5, 11.0, 11.25, 12.0, 12.5])
-    model = ModelConfig(n_layer=1, n_head=1, n_embd=8, block_size=8, vocab_size=16)
-    step_s = seconds_per_step(model, 2, setup_runtime("cpu", "float32"), clock=lambda: next(ticks))
-    assert step_s == 0.25
-    assert steps_for_budget(step_s, minutes=1) == 216  # 90% of 60 s at 0.25 s per step
-    assert steps_for_budget(step_s, minutes=3) == 648
-    assert steps_for_budget(10.0, minutes=1) == 50  # never fewer than 50 steps
+    monkeypatch.setattr("gptforge.train.pretrain.run_training", no_training)
+    before = (run_dir / "metrics.jsonl").read_text()
+    quickstart(run_dir=run_dir, steps=50, device="cpu")
+    out = capsys.readouterr().out
+    assert "already holds a finished run (step 50 of 50)" in out and "--run_dir" in out
+    assert "best checkpoint: step" in out and f"gptforge serve {run_dir}" in out
+    assert (run_dir / "metrics.jsonl").read_text() == before

@@ -120,6 +120,11 @@ def evaluate_checkpoint(checkpoint: Union[str, Path], tasks: Union[str, Sequence
     choice_tasks = [n for n in names if n in TASKS]
     results = {}
     for name in names:
+        same = next((done for done in results if done in LM_TASKS and name in LM_TASKS
+                     and data_for[done] == data_for[name]), None)
+        if same is not None:  # loss and perplexity are one measurement: run it once
+            results[name] = {**results[same], "task": name}
+            continue
         pred_path = None
         if predictions is not None and name in TASKS:
             pred_path = Path(predictions)

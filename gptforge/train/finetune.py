@@ -24,6 +24,7 @@ from gptforge.lora import LoRAConfig, apply_lora, count_trainable, has_lora
 from gptforge.model import GPT
 from gptforge.options import FinetuneOptions
 from gptforge.textgen import generate_text
+from gptforge.train.history import record_run_config
 from gptforge.train.loop import LoopResult, resumed_accumulation, train_loop
 from gptforge.train.metrics import plot_losses, plot_sweep
 from gptforge.train.modes import MODES, Mode
@@ -119,7 +120,8 @@ def _finetune_once(mode_name: str, base: str, ft: FinetuneConfig, tc: TrainConfi
                                base_fingerprint=base_fingerprint(base_path))
     if runtime.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        _save_run_config(run_dir, mode_name, base_path, ft, tc, sample)
+        _save_run_config(run_dir, mode_name, base_path, ft, tc, sample, meta["step"] if resume_from else None,
+                         runtime)
         runtime.print(f"finetune {mode_name}: {trainable:,} of {total:,} parameters train"
                       f"{' (LoRA rank %d)' % lora.rank if lora else ''}; "
                       + ", ".join(f"{k} {len(v)}" for k, v in splits.items()) + f" examples; "
@@ -197,12 +199,10 @@ def _sampler(tokenizer, prompt: list[int], sample: SampleConfig, tc: TrainConfig
 
 
 def _save_run_config(run_dir: Path, mode: str, base: Path, ft: FinetuneConfig, tc: TrainConfig,
-                     sample: SampleConfig) -> None:
-    import yaml
-
+                     sample: SampleConfig, resume_step: Optional[int], runtime: Runtime) -> None:
     resolved = {"mode": mode, "from": str(base), "finetune": dataclasses.asdict(ft),
                 "train": dataclasses.asdict(tc), "sample": dataclasses.asdict(sample)}
-    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
+    record_run_config(run_dir, resolved, resume_step, runtime.print)  # a resume's changes are kept apart
 
 
 # --- learning-rate sweep ----------------------------------------------------------------------------

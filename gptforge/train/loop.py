@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -20,13 +19,15 @@ from typing import Callable, Iterable, Optional, Protocol
 import torch
 import torch.distributed as dist
 
-from gptforge.checkpoint import (CHECKPOINTS, is_sharded, load_trainer_state, prepare_run_checkpoints,
-                                 save_checkpoint)
+from gptforge.checkpoint import (CHECKPOINTS, is_sharded, keep_weights_copy, load_trainer_state,
+                                 prepare_run_checkpoints, save_checkpoint)
 from gptforge.common import Runtime, UserError, is_out_of_memory
 from gptforge.config import TrainConfig
 from gptforge.model import GPT
 from gptforge.tokenizer import Tokenizer
-from gptforge.train.metrics import MetricsLog, plot_losses
+from gptforge.train.loggers import RunLoggers, run_params
+from gptforge.train.metrics import plot_losses
+from gptforge.train.notices import first_step_notice
 from gptforge.train.optim import lr_at, make_optimizer
 from gptforge.train.parallelize import parallelize
 from gptforge.train.sharded import load_flat_optimizer, load_sharded, save_sharded
@@ -159,7 +160,7 @@ class Trainer:
         self.accum = grad_accum_steps(tc, block_size, runtime.world_size)
         self.tokens_per_step = tc.micro_batch_size * block_size * runtime.world_size * self.accum
         self.state = TrainState()
-        self.metrics = MetricsLog(run_dir / "metrics.jsonl")
+        self.metrics = RunLoggers(run_dir, tc.loggers, run_params(model.config, tc), runtime.is_main)
         if runtime.is_main:
             prepare_run_checkpoints(run_dir)  # before any step is spent: a linked latest/best is refused
         self.parallel = parallelize(model, tc, runtime)
@@ -215,11 +216,13 @@ class Trainer:
         self.bar = tqdm(total=tc.max_steps, initial=state.step, disable=not (tc.progress and self.runtime.is_main),
                         unit="step", dynamic_ncols=True, desc="train")
         self.started = self.last_log = time.time()
-        stopped = False
+        start_step, stopped = state.step, False
         self.parallel.module.train()
         try:
             while state.step < tc.max_steps and not stopped:
                 lr, loss_sum, grad_norm = self.train_step()
+                if state.step == start_step + 1 and self.runtime.device_type == "cpu" and self.runtime.is_main:
+                    self.bar.write(first_step_notice(time.time() - self.started, tc.max_steps - state.step))
                 last = state.step == tc.max_steps
                 if _every(state.step, tc.log_every) or last or state.step == 1:
                     self.log(lr, loss_sum, grad_norm)
@@ -235,6 +238,8 @@ class Trainer:
                     reason = "early stopping" if patience_spent else f"time limit {tc.time_limit_s}s"
                     self.runtime.print(f"stopping at step {state.step}: {reason}")
         except KeyboardInterrupt:  # Ctrl-C: keep the progress, then end as an interrupt (exit 130 on the CLI)
+            if state.step == start_step:  # no step taken: nothing new to keep (and no checkpoint of an untrained model)
+                raise KeyboardInterrupt(f"at step {state.step}, before a step was taken: nothing saved") from None
             # Each process is interrupted wherever it was: no collective may run now, so rank 0 saves alone,
             # which a sharded checkpoint cannot be.
             if self.parallel.sharded and self.runtime.distributed:
@@ -251,6 +256,7 @@ class Trainer:
                             "--train.micro_batch_size (and --train.tokens_per_step to keep the batch)") from None
         finally:
             self.bar.close()
+            self.metrics.close()
         if self.runtime.distributed:
             dist.barrier()
         return self.result(stopped_early=stopped)
@@ -386,9 +392,7 @@ class Trainer:
             save_checkpoint(latest, self.model, self.tokenizer, step=self.state.step, val_loss=self.last_val,
                             trainer_state=trainer_state, optimizer=self.optimizer, extra_meta=self.checkpoint_meta)
         if self.tc.keep_checkpoints and self.runtime.is_main:
-            kept = self.run_dir / CHECKPOINTS / f"step_{self.state.step:07d}"
-            shutil.rmtree(kept, ignore_errors=True)
-            shutil.copytree(latest, kept)
+            keep_weights_copy(latest, self.run_dir / CHECKPOINTS / f"step_{self.state.step:07d}")
 
     def save_best(self) -> None:
         """checkpoints/best: the weights in one file (under FSDP gathered first), no optimizer."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from gptforge.common import atomic_write_text
 
@@ -34,12 +34,24 @@ class MetricsLog:
         atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
-def plot_losses(records: list[dict[str, Any]], path: Path) -> None:
-    """Train and validation loss against step, to a PNG; benchmark scores ("task/metric" keys, written
-    by train.eval_tasks) in a second panel beside it."""
+def plot_losses(records: list[dict[str, Any]], path: Path, title: Optional[str] = None) -> None:
+    """Train and validation loss against step, to a PNG titled with the run's name (default: the folder
+    it is written into, the run directory); benchmark or task scores ("task/metric" keys, written by
+    train.eval_tasks and classify) in a second panel beside it."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only: never open a window
+    import matplotlib.pyplot as plt
+
+    fig = loss_figure(records, Path(path).resolve().parent.name if title is None else title)
+    tmp = Path(path).with_suffix(".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def loss_figure(records: list[dict[str, Any]], title: str = ""):
+    """The figure plot_losses saves (a matplotlib Figure; the caller closes it)."""
     import matplotlib.pyplot as plt
 
     train = [(r["step"], r["loss"]) for r in records if "loss" in r]
@@ -47,6 +59,8 @@ def plot_losses(records: list[dict[str, Any]], path: Path) -> None:
     task_keys = sorted({k for r in records for k in r if "/" in k})
     fig, axes = plt.subplots(1, 2 if task_keys else 1, figsize=(12 if task_keys else 7, 4), dpi=100,
                              squeeze=False)
+    if title:
+        fig.suptitle(title)
     ax = axes[0][0]
     if train:
         ax.plot(*zip(*train), label="train", linewidth=1)
@@ -57,19 +71,27 @@ def plot_losses(records: list[dict[str, Any]], path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     if task_keys:
-        ax = axes[0][1]
-        for key in task_keys:
-            ax.plot(*zip(*[(r["step"], r[key]) for r in records if key in r]), label=key, marker="o",
-                    markersize=3)
-        ax.set_xlabel("step")
-        ax.set_ylabel("accuracy")
-        ax.grid(alpha=0.3)
-        ax.legend()
+        _plot_scores(axes[0][1], records, task_keys)
     fig.tight_layout()
-    tmp = Path(path).with_suffix(".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
+    return fig
+
+
+def _plot_scores(ax, records: list[dict[str, Any]], keys: list[str]) -> None:
+    """Scores against step. Evaluations are few (a classifier's often once per epoch, one in all for a
+    one-epoch run), so each is a visible marker with its value written beside it, on a 0-1 axis."""
+    values = []
+    for key in keys:
+        points = [(r["step"], r[key]) for r in records if key in r]
+        values += [v for _, v in points]
+        ax.plot(*zip(*points), label=key, marker="o", markersize=6)
+        step, last = points[-1]
+        ax.annotate(f"{last:.3f}", (step, last), textcoords="offset points", xytext=(6, 4), fontsize=8)
+    if values and all(0 <= v <= 1 for v in values):
+        ax.set_ylim(0, 1.05)
+    ax.set_xlabel("step")
+    ax.set_ylabel("accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend()
 
 
 def plot_sweep(rows: list[dict], path: Path) -> None:

@@ -6,15 +6,17 @@ import dataclasses
 from pathlib import Path
 from typing import Optional
 
-from gptforge.checkpoint import read_model_config, resolve_checkpoint, run_checkpoint
+from gptforge.checkpoint import load_trainer_state, read_model_config, resolve_checkpoint, run_checkpoint
 from gptforge.common import Runtime, UserError, seed_everything, setup_runtime, teardown_runtime
-from gptforge.config import ModelConfig, RunConfig, resolve_model_config, save_yaml
+from gptforge.config import ModelConfig, RunConfig, resolve_model_config
 from gptforge.data.loader import TokenLoader
 from gptforge.data.prepare import prepare, verify_shards
 from gptforge.model import GPT, count_parameters
 from gptforge.tokenizer import Tokenizer, load_tokenizer
+from gptforge.train.history import record_run_config
 from gptforge.train.loop import LoopResult, train_loop
 from gptforge.train.memory import choose_micro_batch
+from gptforge.train.notices import cpu_model_notice
 from gptforge.train.parallelize import resolve_strategy
 from gptforge.train.sharded import load_for_training
 
@@ -131,11 +133,14 @@ def run_training(cfg: RunConfig, runtime: Optional[Runtime] = None) -> LoopResul
             cfg = dataclasses.replace(cfg, train=choose_micro_batch(model, cfg.train, runtime, strategy))
         if runtime.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
-            save_yaml(cfg, run_dir / "config.yaml")
+            record_run_config(run_dir, dataclasses.asdict(cfg), _step_of(resume_from), runtime.print)
             runtime.print(f"model: {count_parameters(model):,} parameters, {model_cfg.n_layer} layers, "
                           f"{model_cfg.n_head} heads, {model_cfg.n_embd} dims, context {model_cfg.block_size}; "
                           f"tokenizer {tokenizer.describe()}; data {manifest['splits']['train']['tokens']:,} "
                           f"train tokens; device {runtime.device}, {str(runtime.dtype).replace('torch.', '')}")
+            notice = cpu_model_notice(count_parameters(model), runtime.device_type)
+            if notice:
+                runtime.print(notice)
 
         tc = cfg.train
         loader_args = dict(batch_size=tc.micro_batch_size, block_size=model_cfg.block_size, rank=runtime.rank,
@@ -168,3 +173,8 @@ def _with_dropout(model: GPT, p: float) -> GPT:
     for block in model.transformer.h:
         block.attn.dropout = p
     return model
+
+
+def _step_of(checkpoint: Optional[Path]) -> Optional[int]:
+    return None if checkpoint is None else load_trainer_state(checkpoint)["step"]
+

@@ -220,25 +220,28 @@ def test_quantized_trained_model_keeps_its_perplexity_and_flips_only_near_ties(t
     """The issue's quality bar on a model trained here: int8 (and bf16) perplexity on the WikiText slice within
     1% of float32. Greedy continuations: the bar is identical tokens for 9 of 10 prompts; on this briefly
     trained model (small logit margins) int8 measured 8/10, so what is asserted is why a continuation may
-    differ: every one that does first differs at a near-tie of float32's top two logits (measured: 0.013 and
-    0.001 for int8, 0.0025 and 0.0011 for bf16), never where float32 was decided."""
+    differ: every one that does first differs at a near-tie of float32's two best logits (a margin among the
+    smallest 10% of float32's own margins over all its greedy steps), never where float32 was decided."""
     model, tok, _ = load_model(tiny_bpe_run)
     prompts = [tok.encode(p) for p in PROMPTS]
     params = SamplingParams(max_new_tokens=32, temperature=0.0)
     fp32_tokens = Engine(model).generate(prompts, params)
     fp32_ppl = evaluate_lm(model, tok, FIXTURE_TEXT, limit=4000)["perplexity"]
+    with torch.inference_mode():  # float32's top-two margin at each of its greedy steps
+        steps = [model(torch.tensor([p + t]))[0][0, len(p) - 1:-1, :tok.vocab_size] for p, t in zip(prompts, fp32_tokens)]
+    top2 = torch.cat([s.topk(2, dim=-1).values for s in steps])  # (steps, 2)
+    near_tie = torch.quantile(top2[:, 0] - top2[:, 1], 0.10).item()
     for kind in ("int8", "bf16"):
         packed = quantize_model(copy.deepcopy(model), kind)
         tokens = Engine(packed).generate(prompts, params)
         ppl = evaluate_lm(packed, tok, FIXTURE_TEXT, limit=4000)["perplexity"]
         margins = []
-        for prompt, ours, theirs in zip(prompts, fp32_tokens, tokens):
+        for logits, ours, theirs in zip(steps, fp32_tokens, tokens):
             if ours != theirs:
                 i = next(i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b)
-                with torch.inference_mode():
-                    logits = model(torch.tensor([prompt + ours[:i]]))[0][0, -1]
-                margins.append((logits[ours[i]] - logits[theirs[i]]).item())
+                margins.append((logits[i, ours[i]] - logits[i, theirs[i]]).item())
         print(f"\n{kind}: greedy identical for {10 - len(margins)}/10 prompts (float32 margins where not: "
-              f"{[round(m, 4) for m in margins]}); perplexity {ppl:.3f} vs float32 {fp32_ppl:.3f}")
+              f"{[round(m, 4) for m in margins]}; 10% of its margins are under {near_tie:.4f}); "
+              f"perplexity {ppl:.3f} vs float32 {fp32_ppl:.3f}")
         assert abs(ppl / fp32_ppl - 1) < 0.01
-        assert len(margins) <= 3 and all(0 <= m < 0.02 for m in margins)
+        assert len(margins) <= 3 and all(0 <= m <= near_tie for m in margins)

@@ -7,7 +7,7 @@ token (request sent -> first chunk with text), p50/p95; request latency; aggrega
 the whole run (counted from each stream's usage chunk); errors, which must be zero.
 
     python bench/bench_serve.py [--model tiny | CHECKPOINT] [--clients 32] [--rounds 3] [--max-tokens 64]
-                                [--max-batch-size 32] [--threads N]
+                                [--max-batch-size 32] [--threads N] [--quantize int8]
 
 `--model tiny` builds a random tiny checkpoint (2 layers, 64 wide, 256-token context, byte tokenizer) in a
 temporary folder, so the run measures the server and its batching more than the model. Loopback only; the
@@ -67,6 +67,8 @@ def start_server(checkpoint: Path, port: int, args) -> subprocess.Popen:
            "warning", "--max_batch_size", str(args.max_batch_size), "--max_concurrent", str(args.clients * 2)]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
+    if args.quantize:
+        cmd += ["--quantize", args.quantize]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     end = time.time() + 120
@@ -135,6 +137,7 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=32, help="prompt length in characters (bytes for tiny)")
     ap.add_argument("--max-batch-size", type=int, default=32, help="the server's --max_batch_size")
     ap.add_argument("--threads", type=int, default=None, help="the server's --threads (default: torch's)")
+    ap.add_argument("--quantize", default=None, help="the server's --quantize: int8, bf16 or f32 (default: none)")
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -161,7 +164,8 @@ def main() -> None:
               f"aggregate {tokens / wall:.0f} tokens/s")
     print("\n| date | machine | model | batch / threads | clients x rounds | max_tokens | TTFT p50 | TTFT p95 | "
           "tokens/s | errors |")
-    print(f"| {time.strftime('%Y-%m-%d')} | {platform.machine()} {os.cpu_count()} cores | {args.model} | "
+    print(f"| {time.strftime('%Y-%m-%d')} | {platform.machine()} {os.cpu_count()} cores | {args.model}"
+          f"{f' --quantize {args.quantize}' if args.quantize else ''} | "
           f"{args.max_batch_size} / {args.threads or 'default'} | "
           f"{args.clients} x {args.rounds} | {args.max_tokens} | {pct(ttft, 50) * 1000:.0f} ms | "
           f"{pct(ttft, 95) * 1000:.0f} ms | {tokens / wall:.0f} | {len(errors)} |" if ttft else "(no timings)")

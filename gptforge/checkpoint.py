@@ -34,12 +34,13 @@ from safetensors.torch import load_file, save_file
 
 from gptforge import __version__
 from gptforge.checks import checked, from_dict
-from gptforge.common import UserError, check_replaceable, recover_interrupted_swap, write_dir_atomically
+from gptforge.common import Runtime, UserError, check_replaceable, recover_interrupted_swap, write_dir_atomically
 from gptforge.config import ModelConfig
 from gptforge.files import read_json, regular_file, safetensors_header
 from gptforge.lora import LoRAConfig, apply_lora, has_lora, merge_lora
 from gptforge.model import GPT, GPTClassifier
 from gptforge.options import MergeLoraOptions
+from gptforge.quantize import quantize_model
 from gptforge.tokenizer import Tokenizer, load_tokenizer
 from gptforge.trainer_state import (check_trainer_state, flatten_optimizer_state, restore_optimizer,  # noqa: F401
                                     unflatten_optimizer_state)
@@ -208,6 +209,15 @@ def load_model(path: Path, device: torch.device | str = "cpu") -> tuple[GPT, Tok
     if config.tie_embeddings:
         model.lm_head.weight = model.transformer.wte.weight
     return model.to(device), tokenizer, meta
+
+
+def load_for_inference(path: Path, runtime: "Runtime") -> tuple[GPT, Tokenizer, dict]:
+    """load_model onto the runtime's device, its weights packed once as the runtime asks (`--quantize`:
+    gptforge.quantize): where every inference command (generate, chat, classify, eval, serve) loads."""
+    model, tokenizer, meta = load_model(path, runtime.device)
+    if runtime.weights is not None:
+        quantize_model(model, None if runtime.weights == "f32" else runtime.weights)
+    return model, tokenizer, meta
 
 
 def model_without_weights(path: Path) -> tuple[GPT, Tokenizer, dict]:

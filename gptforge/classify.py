@@ -11,7 +11,7 @@ from typing import Union
 
 import torch
 
-from gptforge.checkpoint import load_model, read_meta, resolve_checkpoint
+from gptforge.checkpoint import load_for_inference, read_meta, resolve_checkpoint
 from gptforge.common import Runtime, UserError, as_runtime, atomic_write_text, read_user_text
 from gptforge.data.batches import encode_labeled
 from gptforge.data.examples import LabeledText
@@ -52,7 +52,7 @@ def classify_command(options: ClassifyOptions) -> None:
     path = resolve_checkpoint(Path(options.checkpoint))
     labels = classifier_labels(path)
     runtime = options.runtime()
-    model, tokenizer, _ = load_model(path, runtime.device)
+    model, tokenizer, _ = load_for_inference(path, runtime)
 
     def classify(texts: list[str]) -> list[dict]:
         size = options.batch_size

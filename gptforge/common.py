@@ -13,7 +13,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Optional, TypeVar
 
 if TYPE_CHECKING:  # annotations only: importing torch here would slow every CLI start
     import torch
@@ -227,6 +227,7 @@ class Runtime:
     rank: int = 0
     local_rank: int = 0
     world_size: int = 1
+    weights: Optional[str] = None  # inference on a CPU: int8, bf16 or f32 packed weights (gptforge.quantize)
 
     @property
     def is_main(self) -> bool:
@@ -314,12 +315,21 @@ def setup_runtime(device: str = "auto", dtype: str = "auto") -> Runtime:
                    world_size=world_size)
 
 
-def inference_runtime(device: str = "auto", dtype: str = "auto") -> Runtime:
+QUANTIZE = ("int8", "bf16", "f32")  # --quantize: the weights a CPU model computes with (gptforge.quantize)
+
+
+def inference_runtime(device: str = "auto", dtype: str = "auto", quantize: Optional[str] = None) -> Runtime:
     """The runtime of every inference command (generate, chat, classify, eval, serve) and the library
-    functions behind them: one process on one device, never a process group (even under torchrun)."""
+    functions behind them: one process on one device, never a process group (even under torchrun).
+    quantize: None (the checkpoint's weights through torch) or one of QUANTIZE, CPU only."""
+    if quantize not in (None, *QUANTIZE):
+        raise UserError(f"--quantize takes {', '.join(QUANTIZE)}, got {quantize!r}")
     dev = pick_device(device)
+    if quantize and dev.type != "cpu":
+        raise UserError(f"--quantize is for CPU inference and the model would run on {dev}; leave --quantize out "
+                        "(on a GPU, --dtype bfloat16 halves the work) or add --device cpu")
     _allow_tf32(dev)
-    return Runtime(device=dev, dtype=pick_dtype(dtype, dev))
+    return Runtime(device=dev, dtype=pick_dtype(dtype, dev), weights=quantize)
 
 
 def as_runtime(where: "Runtime | torch.device | str | None") -> "Runtime | None":

@@ -164,8 +164,12 @@ class GPT(nn.Module):
         x = self.hidden_states(idx, kv_cache)  # (B, T, C)
         if targets is not None:
             # Training/eval: the loss straight from the hidden states, never materialising (B, T, V) logits.
-            loss = linear_cross_entropy(x.reshape(B * T, -1), self.lm_head.weight, targets.reshape(-1),
-                                        self.config.vocab_size)
+            if isinstance(self.lm_head, nn.Linear):
+                loss = linear_cross_entropy(x.reshape(B * T, -1), self.lm_head.weight, targets.reshape(-1),
+                                            self.config.vocab_size)
+            else:  # a head swapped in for inference (gptforge.quantize): its own logits, a chunk at a time
+                loss = head_cross_entropy(x.reshape(B * T, -1), self.lm_head, targets.reshape(-1),
+                                          self.config.vocab_size)
             return None, loss
         if last_only:
             x = x[:, -1:]  # (B, 1, C)
@@ -285,6 +289,17 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
     # A frozen head (LoRA, a frozen body) needs no weight gradient: skip its matmul and buffer.
     needs_grad = (grad_enabled and x.requires_grad, grad_enabled and weight.requires_grad)
     return _LinearCrossEntropy.apply(x, weight, targets, vocab_size, chunk_rows, needs_grad)
+
+
+def head_cross_entropy(x: torch.Tensor, head: nn.Module, targets: torch.Tensor, vocab_size: int,
+                       chunk_rows: int = LOSS_CHUNK_ROWS) -> torch.Tensor:
+    """linear_cross_entropy for any head module (logits = head(x)): the same mean, chunk by chunk, with
+    autograd's gradient. x (N, C), targets (N,)."""
+    total = torch.zeros((), device=x.device, dtype=torch.float32)
+    for i in range(0, x.size(0), chunk_rows):
+        logits = head(x[i:i + chunk_rows])[:, :vocab_size].float()  # (n, vocab_size)
+        total = total + F.cross_entropy(logits, targets[i:i + chunk_rows], ignore_index=-100, reduction="sum")
+    return total / (targets != -100).sum().clamp(min=1)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):

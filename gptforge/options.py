@@ -5,7 +5,8 @@ How a dataclass becomes a command's options (jsonargparse's `add_class_arguments
 - a field without a default is a positional argument (`checkpoint`); a keyword-only one without a
   default is a required option (`--out`);
 - a field holding a config dataclass is a group: `sample: SampleConfig` gives `--sample.*`;
-- inheriting RuntimeOptions gives `--device` and `--dtype`, the same in every command that runs a model;
+- inheriting RuntimeOptions gives `--device` and `--dtype`, the same in every command that runs a model
+  (InferenceOptions adds `--quantize` to those that only run one);
 - a field's metadata may ask for what a signature cannot say (`--from`, an option that repeats).
 The sections (model, data, train, finetune, sample) are gptforge/config.py's dataclasses. This module is
 light (no torch), so the parser is built at once.
@@ -51,6 +52,21 @@ class RuntimeOptions:
         return self
 
 
+@dataclass(kw_only=True)
+class InferenceOptions(RuntimeOptions):
+    """Where the model runs and which weights it computes with: the options of every command that only
+    runs a model (generate, chat, classify, eval, serve)."""
+
+    quantize: Optional[str] = None
+    """CPU only: int8 (a quarter of the memory; fastest), bf16 (half), or f32 (the checkpoint's float32
+    weights, the same results up to rounding, faster one-token steps). Default: torch's own layers."""
+
+    def runtime(self) -> "Runtime":
+        from gptforge.common import inference_runtime
+
+        return inference_runtime(self.device, self.dtype, self.quantize)
+
+
 @dataclass
 class PrepareOptions:
     """Tokenize a corpus into token shards plus a manifest and tokenizer."""
@@ -65,7 +81,7 @@ class PrepareOptions:
 
 
 @dataclass
-class GenerateOptions(RuntimeOptions):
+class GenerateOptions(InferenceOptions):
     """Generate text from a checkpoint or run directory."""
 
     checkpoint: str
@@ -156,7 +172,7 @@ class ConsolidateOptions:
 
 
 @dataclass
-class ClassifyOptions(RuntimeOptions):
+class ClassifyOptions(InferenceOptions):
     """Classify texts with a checkpoint from `gptforge finetune classify`: the label and each class's
     probability. Without --text or --file, classifies each line read from standard input until end of input."""
 
@@ -179,7 +195,7 @@ class ClassifyOptions(RuntimeOptions):
 
 
 @dataclass
-class ChatOptions(RuntimeOptions):
+class ChatOptions(InferenceOptions):
     """Chat with a checkpoint from `gptforge finetune chat` in the terminal. Replies stream as they are written;
     the oldest turns are forgotten when the context window is full. /reset clears the conversation, /exit or
     Ctrl-D quits. With piped input, each line is a message and only replies are printed."""
@@ -346,7 +362,7 @@ class ExportONNXOptions:
 
 
 @dataclass
-class EvalOptions(RuntimeOptions):
+class EvalOptions(InferenceOptions):
     """Evaluate a checkpoint: loss/perplexity on text or prepared shards, or a multiple-choice benchmark."""
 
     checkpoint: str

@@ -59,11 +59,11 @@ def _stream_deltas(steps, texts: "TextRows") -> Iterator[tuple[int, str]]:
 
 def generate_command(options: GenerateOptions) -> None:
     """`gptforge generate`: each prompt followed by its completions (streamed to a terminal, or --stream true)."""
-    from gptforge.checkpoint import load_model
+    from gptforge.checkpoint import load_for_inference
 
     prompts = [read_user_text(options.prompt_file, "prompt file")] if options.prompt_file else [options.prompt or ""]
     runtime = options.runtime()
-    model, tokenizer, _ = load_model(Path(options.checkpoint), runtime.device)
+    model, tokenizer, _ = load_for_inference(Path(options.checkpoint), runtime)
     sample, truncate = options.sample, options.truncate
     if options.streams(sys.stdout):
         for prompt in prompts:

@@ -13,7 +13,7 @@ PKG = REPO / "gptforge"
 # Each module's layer; a module may import gptforge modules of its own layer or lower ones only.
 LAYERS = {
     "gptforge": 0, "gptforge.config": 0, "gptforge.checks": 0, "gptforge.common": 0, "gptforge.files": 0,
-    "gptforge.options": 0, "gptforge.terminal": 0,
+    "gptforge.options": 0, "gptforge.terminal": 0, "gptforge.native": 0, "gptforge.quantize": 1,
     "gptforge.model": 1, "gptforge.tokenizer": 1, "gptforge.prompts": 1, "gptforge.lora": 1,
     "gptforge.data": 2,
     "gptforge.checkpoint": 3, "gptforge.trainer_state": 3,

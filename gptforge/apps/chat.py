@@ -134,10 +134,10 @@ BOLD, DIM, RESET = "\033[1m", "\033[2m", "\033[0m"
 
 def chat_command(options: ChatOptions) -> None:
     """`gptforge chat`: a session on the checkpoint, over this process's standard streams."""
-    from gptforge.checkpoint import load_model
+    from gptforge.checkpoint import load_for_inference
 
     runtime = options.runtime()
-    model, tokenizer, meta = load_model(Path(options.checkpoint), runtime.device)
+    model, tokenizer, meta = load_for_inference(Path(options.checkpoint), runtime)
     if meta.get("classifier") or not tokenizer.has_chat_template:
         raise UserError(f"{options.checkpoint}: {NO_TEMPLATE}")
     run_chat(ChatSession(model, tokenizer, options.sample, runtime, system=options.system))

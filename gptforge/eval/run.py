@@ -110,13 +110,13 @@ def evaluate_checkpoint(checkpoint: Union[str, Path], tasks: Union[str, Sequence
     predictions: a file for one multiple-choice task; with several, each gets PATH's name with the
     task inserted (preds.jsonl -> preds.hellaswag.jsonl). Other options go to run_task.
     Returns {"checkpoint", "step", "tokenizer", "device", "dtype", "results": {task: metrics}}."""
-    from gptforge.checkpoint import load_model, resolve_checkpoint
+    from gptforge.checkpoint import load_for_inference, resolve_checkpoint
 
     names = parse_tasks(tasks)
     data_for = data_per_task(data, names)
     runtime = runtime or inference_runtime()
     path = resolve_checkpoint(Path(checkpoint))
-    model, tokenizer, meta = load_model(path, runtime.device)
+    model, tokenizer, meta = load_for_inference(path, runtime)
     choice_tasks = [n for n in names if n in TASKS]
     results = {}
     for name in names:

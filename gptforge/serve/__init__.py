@@ -19,12 +19,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from gptforge.options import RuntimeOptions
+from gptforge.options import InferenceOptions
 
 
 @dataclass(kw_only=True)
-class ServeConfig(RuntimeOptions):
-    """How the server runs; --device and --dtype come from RuntimeOptions, as in every command that runs a model."""
+class ServeConfig(InferenceOptions):
+    """How the server runs; --device, --dtype and --quantize come from InferenceOptions, as in every command
+    that runs a model."""
 
     host: str = "127.0.0.1"
     """Interface to listen on: 127.0.0.1 serves this machine only, 0.0.0.0 every interface."""

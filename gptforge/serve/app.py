@@ -344,8 +344,8 @@ def serve(config: ServeOptions) -> None:
     import torch
     import uvicorn
 
-    from gptforge.checkpoint import load_model, resolve_checkpoint
-    from gptforge.common import human_count, inference_runtime
+    from gptforge.checkpoint import load_for_inference, resolve_checkpoint
+    from gptforge.common import human_count
     from gptforge.engine import Engine
     from gptforge.model import count_parameters
 
@@ -358,8 +358,8 @@ def serve(config: ServeOptions) -> None:
     if config.threads:
         torch.set_num_threads(config.threads)
     path = resolve_checkpoint(Path(config.checkpoint))
-    runtime = inference_runtime(config.device, config.dtype)
-    model, tokenizer, _ = load_model(path, runtime.device)
+    runtime = config.runtime()
+    model, tokenizer, _ = load_for_inference(path, runtime)
     engine = Engine(model, runtime)
     info = ServerInfo(
         model=config.model_name or default_model_name(path), checkpoint=str(path),

@@ -79,3 +79,27 @@ def signal_after_checkpoint(args: list[str], run_dir: Path, min_step: int, sig: 
         code = proc.wait(timeout=timeout)
         err.seek(0)
         return code, err.read()
+
+
+def divergences_at_near_ties(model, prompts: list[list[int]], reference: list[list[int]],
+                             other: list[list[int]]) -> tuple[list[float], float]:
+    """Why greedy continuations of a lower-precision copy may differ from float32's: for each prompt whose
+    continuation does, float32's logit margin between its own token and the other's at the first difference;
+    and a "near tie" threshold, the 10% quantile of float32's top-two margins over all its greedy steps. On
+    briefly trained models such ties are common, so exact agreement says more about the model than the format."""
+    import torch
+
+    vocab = model.config.vocab_size
+    with torch.inference_mode():  # float32's logits at each of its greedy steps
+        steps = [model(torch.tensor([p + t]))[0][0, len(p) - 1:-1, :vocab] for p, t in zip(prompts, reference)]
+    top2 = torch.cat([s.topk(2, dim=-1).values for s in steps])  # (steps, 2)
+    near_tie = torch.quantile(top2[:, 0] - top2[:, 1], 0.10).item()
+    margins = []
+    for logits, ours, theirs in zip(steps, reference, other):
+        if ours != theirs:
+            i = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
+            if i < min(len(ours), len(theirs)):
+                margins.append((logits[i, ours[i]] - logits[i, theirs[i]]).item())
+            else:  # one stopped early (an end-of-text token): not a tie, count it as decided
+                margins.append(float("inf"))
+    return margins, near_tie

@@ -24,7 +24,7 @@ from gptforge.lora import LoRAConfig, apply_lora
 from gptforge.model import GPT, GPTClassifier, KVCache
 from gptforge.quantize import QBLOCK, PackedEmbedding, PackedLinear, fake_quantize_rows, quantize_model
 
-from helpers import REPO
+from helpers import REPO, divergences_at_near_ties
 
 FIXTURE_TEXT = REPO / "tests" / "fixtures" / "wikitext2_valid_head.txt"
 PROMPTS = ["The lobster is a", "In 1492 , Columbus", "The species", " = Description = \n", "It may grow to",
@@ -227,19 +227,11 @@ def test_quantized_trained_model_keeps_its_perplexity_and_flips_only_near_ties(t
     params = SamplingParams(max_new_tokens=32, temperature=0.0)
     fp32_tokens = Engine(model).generate(prompts, params)
     fp32_ppl = evaluate_lm(model, tok, FIXTURE_TEXT, limit=4000)["perplexity"]
-    with torch.inference_mode():  # float32's top-two margin at each of its greedy steps
-        steps = [model(torch.tensor([p + t]))[0][0, len(p) - 1:-1, :tok.vocab_size] for p, t in zip(prompts, fp32_tokens)]
-    top2 = torch.cat([s.topk(2, dim=-1).values for s in steps])  # (steps, 2)
-    near_tie = torch.quantile(top2[:, 0] - top2[:, 1], 0.10).item()
     for kind in ("int8", "bf16"):
         packed = quantize_model(copy.deepcopy(model), kind)
         tokens = Engine(packed).generate(prompts, params)
         ppl = evaluate_lm(packed, tok, FIXTURE_TEXT, limit=4000)["perplexity"]
-        margins = []
-        for logits, ours, theirs in zip(steps, fp32_tokens, tokens):
-            if ours != theirs:
-                i = next(i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b)
-                margins.append((logits[i, ours[i]] - logits[i, theirs[i]]).item())
+        margins, near_tie = divergences_at_near_ties(model, prompts, fp32_tokens, tokens)
         print(f"\n{kind}: greedy identical for {10 - len(margins)}/10 prompts (float32 margins where not: "
               f"{[round(m, 4) for m in margins]}; 10% of its margins are under {near_tie:.4f}); "
               f"perplexity {ppl:.3f} vs float32 {fp32_ppl:.3f}")

@@ -33,3 +33,19 @@ def load_average() -> float:
 
 def command_line() -> str:
     return "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
+
+
+def timed_interleaved(fns: dict, runs: int) -> dict:
+    """Median seconds and last output of each fn. Runs alternate between the contenders, so a busy
+    neighbour on a shared machine slows both sides alike instead of whichever ran during the spike."""
+    import statistics
+    import time
+
+    outs = {name: fn() for name, fn in fns.items()}  # warm-up: allocator, kernels, lazy initialisation
+    times: dict = {name: [] for name in fns}
+    for _ in range(runs):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            outs[name] = fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: (statistics.median(t), outs[name]) for name, t in times.items()}

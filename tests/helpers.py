@@ -54,26 +54,42 @@ def kill_after_checkpoint(args: list[str], run_dir: Path, min_step: int, timeout
     return json.loads((Path(run_dir) / "checkpoints" / "latest" / "meta.json").read_text())["step"]
 
 
+def wait_for_checkpoint(proc: subprocess.Popen, run_dir: Path, min_step: int, timeout: float) -> None:
+    """Return once run_dir's `latest` checkpoint holds step >= min_step, or proc has ended, or timeout passed."""
+    import json
+    import time
+
+    meta = Path(run_dir) / "checkpoints" / "latest" / "meta.json"
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if json.loads(meta.read_text())["step"] >= min_step:
+                return
+        except (FileNotFoundError, json.JSONDecodeError, KeyError):
+            pass
+        time.sleep(0.005)
+
+
+def prepared_byte_corpus(root: Path, n_lines: int) -> Path:
+    """A synthetic corpus (write_corpus) prepared with the byte tokenizer into root/shards."""
+    from gptforge.config import DataConfig
+    from gptforge.data.prepare import prepare
+
+    cfg = DataConfig(source=str(write_corpus(root / "corpus.txt", n_lines=n_lines)), tokenizer="byte", num_proc=1)
+    prepare(cfg, root / "shards", progress=False)
+    return root / "shards"
+
+
 def signal_after_checkpoint(args: list[str], run_dir: Path, min_step: int, sig: int,
                             timeout: float = 120) -> tuple[int, str]:
     """Run `python -m gptforge ARGS`, send it `sig` once run_dir's `latest` checkpoint reaches min_step, and
     return its exit status and standard error once it has ended."""
-    import json
     import tempfile
-    import time
 
     with tempfile.TemporaryFile("w+") as err:  # a file, not a pipe: nobody reads while the run goes on
         proc = subprocess.Popen([sys.executable, "-m", "gptforge", *args],
                                 env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.DEVNULL, stderr=err)
-        meta = Path(run_dir) / "checkpoints" / "latest" / "meta.json"
-        deadline = time.time() + timeout
-        while time.time() < deadline and proc.poll() is None:
-            try:
-                if json.loads(meta.read_text())["step"] >= min_step:
-                    break
-            except (FileNotFoundError, json.JSONDecodeError, KeyError):
-                pass
-            time.sleep(0.005)
+        wait_for_checkpoint(proc, run_dir, min_step, timeout)
         assert proc.poll() is None, "the run finished before the signal could be sent"
         proc.send_signal(sig)
         code = proc.wait(timeout=timeout)

@@ -10,12 +10,11 @@ import time
 import pytest
 import torch
 
-from gptforge.config import DataConfig, ModelConfig
-from gptforge.data.prepare import prepare
+from gptforge.config import ModelConfig
 from gptforge.engine import Engine, SamplingParams
 from gptforge.model import GPT
 from gptforge.train.parallelize import apply_activation_checkpointing, is_activation_checkpointed
-from helpers import REPO, tiny_train_args, write_corpus
+from helpers import REPO, prepared_byte_corpus, tiny_train_args, write_corpus
 
 GPU_BENCH = REPO / "bench" / "gpu"
 
@@ -108,10 +107,7 @@ def test_activation_checkpointing_leaves_evaluation_and_generation_alone(count_c
 
 @pytest.fixture(scope="module")
 def byte_data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    cfg = DataConfig(source=str(write_corpus(root / "corpus.txt", n_lines=300)), tokenizer="byte", num_proc=1)
-    prepare(cfg, root / "shards", progress=False)
-    return root / "shards"
+    return prepared_byte_corpus(tmp_path_factory.mktemp("data"), n_lines=300)
 
 
 def losses(run_dir):

@@ -2,7 +2,6 @@
 metrics.jsonl, checked by reading their files back with each tool's own reader."""
 
 import json
-import os
 
 import pytest
 

@@ -12,21 +12,17 @@ import pytest
 from gptforge import __version__
 from gptforge.cli import main
 from gptforge.config import DataConfig, ModelConfig, RunConfig, TrainConfig
-from gptforge.data.prepare import prepare
 from gptforge.train.metrics import loss_figure
 from gptforge.train.pretrain import run_training
 from gptforge.train.history import effective_config
 from gptforge.train.notices import cpu_model_notice
 from gptforge.train.runs import find_runs, summarize_run
-from helpers import write_corpus
+from helpers import prepared_byte_corpus
 
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    cfg = DataConfig(source=str(write_corpus(root / "corpus.txt", n_lines=200)), tokenizer="byte", num_proc=1)
-    prepare(cfg, root / "shards", progress=False)
-    return root / "shards"
+    return prepared_byte_corpus(tmp_path_factory.mktemp("data"), n_lines=200)
 
 
 def tiny_run(shards, run_dir, **train) -> RunConfig:

@@ -16,9 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from gptforge.config import DataConfig
-from gptforge.data.prepare import prepare
-from helpers import REPO, write_corpus
+from helpers import REPO, prepared_byte_corpus, wait_for_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -32,10 +30,7 @@ TRAIN = ["--model.preset", "tiny", "--model.n_embd", "64", "--train.device", "cp
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    cfg = DataConfig(source=str(write_corpus(root / "corpus.txt", n_lines=600)), tokenizer="byte", num_proc=1)
-    prepare(cfg, root / "shards", progress=False)
-    return root / "shards"
+    return prepared_byte_corpus(tmp_path_factory.mktemp("data"), n_lines=600)
 
 
 def command(data: Path, run_dir: Path, processes: int, *extra: str, launcher: list[str] | None = None) -> list[str]:
@@ -122,15 +117,8 @@ def kill_after_checkpoint(cmd: list[str], run_dir: Path, min_step: int) -> int:
     latest checkpoint has reached min_step, and return the step it holds."""
     meta = Path(run_dir) / "checkpoints" / "latest" / "meta.json"
     proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
     try:
-        while proc.poll() is None and time.time() < deadline:
-            try:
-                if json.loads(meta.read_text())["step"] >= min_step:
-                    break
-            except (FileNotFoundError, json.JSONDecodeError, KeyError):
-                pass
-            time.sleep(0.005)
+        wait_for_checkpoint(proc, run_dir, min_step, timeout=300)
     finally:
         tree = descendants(proc.pid)
         for pid in [*tree, proc.pid]:

@@ -13,24 +13,20 @@ from gptforge.checkpoint import load_model
 from gptforge.common import Runtime, UserError
 from gptforge.config import DataConfig, ModelConfig, RunConfig, TrainConfig, resolve_model_config
 from gptforge.data.loader import TokenLoader
-from gptforge.data.prepare import prepare
 from gptforge.model import GPT
 from gptforge.train.memory import choose_micro_batch, largest_fitting, predict_memory
 from gptforge.train.parallelize import (apply_activation_checkpointing, is_activation_checkpointed,
                                         remove_activation_checkpointing)
 from gptforge.train.pretrain import run_training
 from gptforge.train.sharded import consolidate
-from helpers import run_cli, write_corpus
+from helpers import prepared_byte_corpus, run_cli
 
 CPU = Runtime(device=torch.device("cpu"), dtype=torch.float32)
 
 
 @pytest.fixture(scope="module")
 def byte_data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    cfg = DataConfig(source=str(write_corpus(root / "corpus.txt", n_lines=300)), tokenizer="byte", num_proc=1)
-    prepare(cfg, root / "shards", progress=False)
-    return root / "shards"
+    return prepared_byte_corpus(tmp_path_factory.mktemp("data"), n_lines=300)
 
 
 def tiny_run(data: Path, run_dir: Path, **train) -> RunConfig:

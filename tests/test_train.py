@@ -16,7 +16,7 @@ from gptforge.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from gptforge.data.prepare import prepare
 from gptforge.train.optim import lr_at
 from gptforge.train.pretrain import run_training
-from helpers import kill_after_checkpoint, run_cli, signal_after_checkpoint, tiny_train_args, write_corpus
+from helpers import kill_after_checkpoint, prepared_byte_corpus, run_cli, signal_after_checkpoint, tiny_train_args, write_corpus
 
 # the first 16 rows of HellaSwag validation (tests/fixtures/README.md)
 HELLASWAG = Path(__file__).parent / "fixtures" / "hellaswag_val_first16.jsonl"
@@ -24,10 +24,7 @@ HELLASWAG = Path(__file__).parent / "fixtures" / "hellaswag_val_first16.jsonl"
 
 @pytest.fixture(scope="module")
 def byte_data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    cfg = DataConfig(source=str(write_corpus(root / "corpus.txt", n_lines=600)), tokenizer="byte", num_proc=1)
-    prepare(cfg, root / "shards", progress=False)
-    return root / "shards"
+    return prepared_byte_corpus(tmp_path_factory.mktemp("data"), n_lines=600)
 
 
 def read_metrics(run_dir):

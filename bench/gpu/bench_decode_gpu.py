@@ -26,7 +26,8 @@ import argparse
 import torch
 
 from common import command_line, fmt, pick_device, profile_table, row_prefix, sync  # noqa: E402
-from bench_decode import hf_copy, timed_interleaved  # noqa: E402
+from bench_decode import hf_copy  # noqa: E402
+from benchutil import timed_interleaved  # noqa: E402
 from gptforge.config import ModelConfig, resolve_model_config  # noqa: E402
 from gptforge.engine import Engine, SamplingParams  # noqa: E402
 from gptforge.model import GPT  # noqa: E402

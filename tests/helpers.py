@@ -119,3 +119,17 @@ def divergences_at_near_ties(model, prompts: list[list[int]], reference: list[li
             else:  # one stopped early (an end-of-text token): not a tie, count it as decided
                 margins.append(float("inf"))
     return margins, near_tie
+
+
+def cli_error(capsys, *argv: str) -> str:
+    """Run `gptforge ARGV` in this process; assert it exits 2 with one line on stderr (no traceback); return it."""
+    import pytest
+
+    from gptforge.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(list(argv))
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err

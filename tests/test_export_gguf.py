@@ -32,6 +32,7 @@ from gptforge.model import GPT, GPTClassifier
 from gptforge.prompts import END_OF_TURN
 from gptforge.tokenizer import BPETokenizer, ByteTokenizer, CharTokenizer, GPT2Tokenizer, load_tokenizer
 from gptforge.train.finetune import run_finetune
+from helpers import cli_error
 
 llama_cpp = pytest.importorskip("llama_cpp")
 pytest.importorskip("gguf")
@@ -131,15 +132,6 @@ def perplexity(llm, ids: list[int], window: int) -> float:
         nll -= log_probs[np.arange(len(chunk) - 1), chunk[1:]].sum()
         n += len(chunk) - 1
     return math.exp(nll / n)
-
-
-def cli_error(capsys, *argv: str) -> str:
-    with pytest.raises(SystemExit) as exc:
-        main(list(argv))
-    assert exc.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
-    return err
 
 
 # --- models -------------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from gptforge.export import onnx as onnx_export
 from gptforge.export.onnx import export_onnx
 from gptforge.model import GPT, GPTClassifier
 from gptforge.tokenizer import ByteTokenizer
-from helpers import REPO, divergences_at_near_ties, run_cli
+from helpers import REPO, cli_error, divergences_at_near_ties, run_cli
 
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
@@ -198,15 +198,6 @@ def test_readme_example_generates_with_onnxruntime_alone(exported, tiny_bpe_run,
 
 
 # --- refusals -----------------------------------------------------------------------------------------
-def cli_error(capsys, *argv: str) -> str:
-    with pytest.raises(SystemExit) as exc:
-        main(list(argv))
-    assert exc.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
-    return err
-
-
 @pytest.fixture(scope="module")
 def small_checkpoint(tmp_path_factory) -> Path:
     tok = ByteTokenizer()

@@ -101,8 +101,9 @@ def test_text_mode_with_tags_and_lr_sweep(base, tmp_path):
     corpus.write_text("".join(f'<LOC tag="{"dark" if i % 2 else "sunny"}">The {i}th hall is '
                               f'{"grim and cold" if i % 2 else "bright and warm"}.</LOC>\n' for i in range(80)))
     run = tmp_path / "text"
-    res = finetune("text", base, corpus, run, "--finetune.delimiters", "<LOC>,</LOC>", "--finetune.epochs", "2",
-                   "--finetune.lr_sweep", "[1e-4,3e-3]", "--finetune.sweep_steps", "15")
+    args = ("--finetune.delimiters", "<LOC>,</LOC>", "--finetune.lr_sweep", "[1e-4,3e-3]",
+            "--finetune.sweep_steps", "15", "--train.lr", "1e-3")
+    res = finetune("text", base, corpus, run, "--finetune.epochs", "2", *args)
     assert res.returncode == 0, res.stderr
     sweep = json.loads((run / "sweep" / "sweep.json").read_text())
     assert [r["lr"] for r in sweep] == [1e-4, 3e-3]
@@ -114,6 +115,11 @@ def test_text_mode_with_tags_and_lr_sweep(base, tmp_path):
     assert {"<|tag:dark|>", "<|tag:sunny|>"} <= set(tok.special_tokens)
     kept = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert {"best", "latest"} <= set(kept) and sum(k.startswith("step_") for k in kept) == 2  # one per epoch
+    # training on for a third epoch keeps the rate the sweep chose, not --train.lr (which it overrode)
+    res = finetune("text", base, corpus, run, "--finetune.epochs", "3", *args)
+    assert res.returncode == 0 and "train.lr" not in res.stdout, res.stdout + res.stderr
+    changes = [json.loads(line)["changes"] for line in (run / "config_history.jsonl").read_text().splitlines()]
+    assert changes and all("train.lr" not in c for c in changes), changes
 
 
 @pytest.mark.slow
@@ -244,3 +250,15 @@ def test_fine_tuning_under_fsdp_follows_plain_training(base, tmp_path, mode, dat
     b, _, _ = load_model(runs["fsdp"])
     for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
         torch.testing.assert_close(y, x, atol=1e-5, rtol=0, msg=name)
+
+
+@pytest.mark.parametrize("content", [None, "[]", '[{"lr": "big", "val_loss": 1.0}]', '{"lr": 0.1}', "not json"])
+def test_a_resumed_sweep_without_its_table_is_one_line(tmp_path, content):
+    from gptforge.common import UserError
+    from gptforge.train.finetune import _read_sweep
+
+    if content is not None:
+        (tmp_path / "sweep").mkdir()
+        (tmp_path / "sweep" / "sweep.json").write_text(content)
+    with pytest.raises(UserError, match="learning rate the sweep chose is unknown|corrupt"):
+        _read_sweep(tmp_path)

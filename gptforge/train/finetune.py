@@ -20,6 +20,7 @@ import torch
 from gptforge.checkpoint import FINETUNE_META, base_fingerprint, load_model, resolve_checkpoint, run_checkpoint
 from gptforge.common import Runtime, UserError, atomic_write_text, seed_everything, setup_runtime, teardown_runtime
 from gptforge.config import FinetuneConfig, SampleConfig, TrainConfig
+from gptforge.files import read_json
 from gptforge.lora import LoRAConfig, apply_lora, count_trainable, has_lora
 from gptforge.model import GPT
 from gptforge.options import FinetuneOptions
@@ -58,10 +59,12 @@ def run_finetune(mode: str, base: str, ft: FinetuneConfig, tc: TrainConfig,
         sweep = None
         if ft.lr_sweep and run_checkpoint(Path(tc.run_dir), "latest") is None:
             sweep = lr_sweep(mode, base, ft, tc, sample, runtime)
-            tc = dataclasses.replace(tc, lr=min(sweep, key=lambda r: r["val_loss"])["lr"])
+            tc = dataclasses.replace(tc, lr=_swept_lr(sweep))
             edge = " (the edge of the range tried: a rate beyond it may be better)" \
                 if tc.lr in (min(ft.lr_sweep), max(ft.lr_sweep)) and len(ft.lr_sweep) > 2 else ""
             runtime.print(f"lr sweep: continuing with lr {tc.lr:g}{edge}")
+        elif ft.lr_sweep:  # resuming: train on at the rate the sweep chose, not at --train.lr
+            tc = dataclasses.replace(tc, lr=_swept_lr(_read_sweep(Path(tc.run_dir))))
         result = _finetune_once(mode, base, ft, tc, sample, runtime)
         result.sweep = sweep
         return result
@@ -226,6 +229,27 @@ def lr_sweep(mode: str, base: str, ft: FinetuneConfig, tc: TrainConfig, sample: 
         plot_sweep(rows, root / "sweep.png")
         runtime.print("\n".join(["", f"{'lr':>10}  {'val loss':>9}  {'train loss':>10}"]
                                 + [f"{r['lr']:>10g}  {r['val_loss']:>9.4f}  {r['train_loss']:>10.4f}" for r in rows]))
+    return rows
+
+
+def _swept_lr(rows: list[dict]) -> float:
+    return min(rows, key=lambda r: r["val_loss"])["lr"]
+
+
+def _read_sweep(run_dir: Path) -> list[dict]:
+    """The sweep table a run wrote before training (sweep/sweep.json), checked: it decides the resumed rate."""
+    path = run_dir / "sweep" / "sweep.json"
+    try:
+        rows = read_json(path, run_dir)
+    except FileNotFoundError:
+        rows = None
+    ok = isinstance(rows, list) and rows and all(
+        isinstance(r, dict) and all(isinstance(r.get(k), (int, float)) and not isinstance(r.get(k), bool)
+                                    for k in ("lr", "val_loss")) and r["lr"] > 0 for r in rows)
+    if not ok:
+        raise UserError(f"{path} is missing or corrupt, so the learning rate the sweep chose is unknown; "
+                        "fine-tune into a new --train.run_dir, or resume without --finetune.lr_sweep and with "
+                        "--train.lr set to the rate the run used")
     return rows
 
 

@@ -84,15 +84,25 @@ def signal_after_checkpoint(args: list[str], run_dir: Path, min_step: int, sig: 
                             timeout: float = 120) -> tuple[int, str]:
     """Run `python -m gptforge ARGS`, send it `sig` once run_dir's `latest` checkpoint reaches min_step, and
     return its exit status and standard error once it has ended."""
+    import signal
     import tempfile
 
+    # PYTHONFAULTHANDLER: a run that hangs is sent SIGABRT below and prints every thread's stack first
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONFAULTHANDLER": "1"}
     with tempfile.TemporaryFile("w+") as err:  # a file, not a pipe: nobody reads while the run goes on
-        proc = subprocess.Popen([sys.executable, "-m", "gptforge", *args],
-                                env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.DEVNULL, stderr=err)
+        proc = subprocess.Popen([sys.executable, "-m", "gptforge", *args], env=env, stdout=subprocess.DEVNULL,
+                                stderr=err)
         wait_for_checkpoint(proc, run_dir, min_step, timeout)
         assert proc.poll() is None, "the run finished before the signal could be sent"
         proc.send_signal(sig)
-        code = proc.wait(timeout=timeout)
+        try:
+            code = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGABRT)
+            proc.wait(timeout=30)
+            err.seek(0)
+            raise AssertionError(f"the run did not end within {timeout} s of signal {sig}; its stacks:\n"
+                                 f"{err.read()[-6000:]}") from None
         err.seek(0)
         return code, err.read()
 

@@ -117,7 +117,7 @@ class QuickstartOptions(RuntimeOptions):
     run_dir: str = "runs/quickstart"
     """Where the run is written."""
     steps: Optional[int] = None
-    """Train this many steps instead of the recipe's 2000 (fewer: a quick smoke test; quality drops)."""
+    """Train this many steps instead of the recipe's 3000 (fewer: a quick smoke test; quality drops)."""
 
     def validate(self) -> "QuickstartOptions":
         check_ranges(self, "--", {"steps": "[1, inf)"})

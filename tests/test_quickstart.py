@@ -20,9 +20,12 @@ def test_the_recipe_is_the_benchmarked_one_and_fixed():
     tc = quickstart_train_config(Path("r"), "cpu", "auto", QUICKSTART_STEPS)
     for key, value in bench["model"].items():
         assert getattr(QUICKSTART_MODEL, key) == value, key
-    for key in ("micro_batch_size", "max_steps", "lr", "warmup_steps", "min_lr_ratio", "beta2", "weight_decay",
+    for key in ("micro_batch_size", "lr", "warmup_steps", "min_lr_ratio", "beta2", "weight_decay",
                 "eval_every", "eval_batches"):
         assert getattr(tc, key) == bench["train"][key], key
+    # longer than the benchmark's 2000 steps, whose end measured val 1.913 once issue 12 changed the data order:
+    # 3000 measured 1.844 (docs/runs.md), a margin under the promised 1.90
+    assert tc.max_steps == QUICKSTART_STEPS == 3000 > bench["train"]["max_steps"]
     assert tc.time_limit_s is None  # time never cuts the run short
 
 

@@ -210,3 +210,22 @@ def test_compiled_training_coexists_with_benchmarks_and_samples(byte_data, tmp_p
     fresh = run_task(model, tok, "hellaswag", data=HELLASWAG, limit=6)
     assert last["step"] == 4
     assert (last["hellaswag/acc"], last["hellaswag/acc_norm"]) == (round(fresh["acc"], 5), round(fresh["acc_norm"], 5))
+
+
+def test_a_first_ctrl_c_is_held_until_the_step_ends_and_a_second_interrupts_at_once(capsys):
+    """A KeyboardInterrupt inside torch's backward pass once hung a run in CI: the first SIGINT only sets a flag."""
+    import os
+
+    from gptforge.train.loop import interrupts_between_steps
+
+    before = signal.getsignal(signal.SIGINT)
+    with interrupts_between_steps(enabled=True) as interrupt:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert interrupt and "Ctrl-C again" in capsys.readouterr().err
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is before
+    with interrupts_between_steps(enabled=False) as interrupt:  # several processes: interrupted where they are
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert not interrupt

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import signal
+import sys
+import threading
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Protocol
@@ -147,6 +150,34 @@ def train_loop(model: GPT, tokenizer: Tokenizer, train_batches: BatchSource,
     return trainer.fit()
 
 
+
+@contextmanager
+def interrupts_between_steps(enabled: bool):
+    """Ctrl-C ends training between steps. A KeyboardInterrupt raised while torch's autograd engine runs a
+    backward pass can leave it waiting forever (seen in CI: the process hung in `_engine_run_backward`), so
+    the first SIGINT only sets the flag this yields (a list, true once interrupted), which the loop reads
+    before each step; a second one interrupts at once. Under several processes the old behaviour stays:
+    each rank is interrupted where it is, since ranks reading a flag at different steps would wait for
+    each other in a collective."""
+    requested: list[bool] = []
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield requested
+        return
+
+    def on_sigint(signum, frame):
+        if requested:
+            raise KeyboardInterrupt
+        requested.append(True)
+        print("\ninterrupted: finishing this step, then saving (Ctrl-C again to stop at once)",
+              file=sys.stderr, flush=True)
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield requested
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 class Trainer:
     """One training run: the parts of a step, each a method, over `state` (what a checkpoint saves with the
     model, optimizer, data cursor and RNG)."""
@@ -218,45 +249,48 @@ class Trainer:
         self.started = self.last_log = time.time()
         start_step, stopped = state.step, False
         self.parallel.module.train()
-        try:
-            while state.step < tc.max_steps and not stopped:
-                lr, loss_sum, grad_norm = self.train_step()
-                if state.step == start_step + 1 and self.runtime.device_type == "cpu" and self.runtime.is_main:
-                    self.bar.write(first_step_notice(time.time() - self.started, tc.max_steps - state.step))
-                last = state.step == tc.max_steps
-                if _every(state.step, tc.log_every) or last or state.step == 1:
-                    self.log(lr, loss_sum, grad_norm)
-                out_of_time = tc.time_limit_s is not None and self.elapsed() > tc.time_limit_s
-                patience_spent = False
-                if self.make_val_batches is not None and (_every(state.step, tc.eval_every) or last or out_of_time):
-                    patience_spent = self.validate()
-                stopped = patience_spent or out_of_time
-                self.run_hooks(finishing=last or stopped)
-                if _every(state.step, tc.checkpoint_every) or last or stopped:
-                    self.save_latest(final=last or stopped)
-                if stopped:
-                    reason = "early stopping" if patience_spent else f"time limit {tc.time_limit_s}s"
-                    self.runtime.print(f"stopping at step {state.step}: {reason}")
-        except KeyboardInterrupt:  # Ctrl-C: keep the progress, then end as an interrupt (exit 130 on the CLI)
-            if state.step == start_step:  # no step taken: nothing new to keep (and no checkpoint of an untrained model)
-                raise KeyboardInterrupt(f"at step {state.step}, before a step was taken: nothing saved") from None
-            # Each process is interrupted wherever it was: no collective may run now, so rank 0 saves alone,
-            # which a sharded checkpoint cannot be.
-            if self.parallel.sharded and self.runtime.distributed:
-                raise KeyboardInterrupt(f"at step {state.step}; not saved (every process writes its part of a "
-                                        "sharded checkpoint, together): run the same command again to resume "
-                                        "from the last checkpoint") from None
-            self.save_latest(collective=False)
-            raise KeyboardInterrupt(f"at step {state.step}; saved {self.run_dir / CHECKPOINTS / 'latest'}. "
-                                    "Run the same command again to resume") from None
-        except RuntimeError as e:  # torch.OutOfMemoryError on CUDA; a plain RuntimeError on CPU and MPS
-            if not is_out_of_memory(e):
-                raise
-            raise UserError(f"out of memory at micro_batch_size={tc.micro_batch_size}; use a smaller "
-                            "--train.micro_batch_size (and --train.tokens_per_step to keep the batch)") from None
-        finally:
-            self.bar.close()
-            self.metrics.close()
+        with interrupts_between_steps(enabled=not self.runtime.distributed) as interrupt:
+            try:
+                while state.step < tc.max_steps and not stopped:
+                    if interrupt:  # a Ctrl-C during the last step, held until it ended
+                        raise KeyboardInterrupt
+                    lr, loss_sum, grad_norm = self.train_step()
+                    if state.step == start_step + 1 and self.runtime.device_type == "cpu" and self.runtime.is_main:
+                        self.bar.write(first_step_notice(time.time() - self.started, tc.max_steps - state.step))
+                    last = state.step == tc.max_steps
+                    if _every(state.step, tc.log_every) or last or state.step == 1:
+                        self.log(lr, loss_sum, grad_norm)
+                    out_of_time = tc.time_limit_s is not None and self.elapsed() > tc.time_limit_s
+                    patience_spent = False
+                    if self.make_val_batches is not None and (_every(state.step, tc.eval_every) or last or out_of_time):
+                        patience_spent = self.validate()
+                    stopped = patience_spent or out_of_time
+                    self.run_hooks(finishing=last or stopped)
+                    if _every(state.step, tc.checkpoint_every) or last or stopped:
+                        self.save_latest(final=last or stopped)
+                    if stopped:
+                        reason = "early stopping" if patience_spent else f"time limit {tc.time_limit_s}s"
+                        self.runtime.print(f"stopping at step {state.step}: {reason}")
+            except KeyboardInterrupt:  # Ctrl-C: keep the progress, then end as an interrupt (exit 130 on the CLI)
+                if state.step == start_step:  # no step taken: nothing new to keep (and no checkpoint of an untrained model)
+                    raise KeyboardInterrupt(f"at step {state.step}, before a step was taken: nothing saved") from None
+                # Each process is interrupted wherever it was: no collective may run now, so rank 0 saves alone,
+                # which a sharded checkpoint cannot be.
+                if self.parallel.sharded and self.runtime.distributed:
+                    raise KeyboardInterrupt(f"at step {state.step}; not saved (every process writes its part of a "
+                                            "sharded checkpoint, together): run the same command again to resume "
+                                            "from the last checkpoint") from None
+                self.save_latest(collective=False)
+                raise KeyboardInterrupt(f"at step {state.step}; saved {self.run_dir / CHECKPOINTS / 'latest'}. "
+                                        "Run the same command again to resume") from None
+            except RuntimeError as e:  # torch.OutOfMemoryError on CUDA; a plain RuntimeError on CPU and MPS
+                if not is_out_of_memory(e):
+                    raise
+                raise UserError(f"out of memory at micro_batch_size={tc.micro_batch_size}; use a smaller "
+                                "--train.micro_batch_size (and --train.tokens_per_step to keep the batch)") from None
+            finally:
+                self.bar.close()
+                self.metrics.close()
         if self.runtime.distributed:
             dist.barrier()
         return self.result(stopped_early=stopped)

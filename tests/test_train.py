@@ -218,14 +218,18 @@ def test_a_first_ctrl_c_is_held_until_the_step_ends_and_a_second_interrupts_at_o
 
     from gptforge.train.loop import interrupts_between_steps
 
-    before = signal.getsignal(signal.SIGINT)
-    with interrupts_between_steps(enabled=True) as interrupt:
-        os.kill(os.getpid(), signal.SIGINT)
-        assert interrupt and "Ctrl-C again" in capsys.readouterr().err
-        with pytest.raises(KeyboardInterrupt):
+    # Python's own handler, as a fresh `gptforge train` has it (earlier tests in this process may leave another)
+    suite_handler = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with interrupts_between_steps(enabled=True) as interrupt:
             os.kill(os.getpid(), signal.SIGINT)
-    assert signal.getsignal(signal.SIGINT) is before
-    with interrupts_between_steps(enabled=False) as interrupt:  # several processes: interrupted where they are
-        with pytest.raises(KeyboardInterrupt):
-            os.kill(os.getpid(), signal.SIGINT)
-    assert not interrupt
+            assert interrupt and "Ctrl-C again" in capsys.readouterr().err
+            with pytest.raises(KeyboardInterrupt):
+                os.kill(os.getpid(), signal.SIGINT)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        with interrupts_between_steps(enabled=False) as interrupt:  # several processes: interrupted where they are
+            with pytest.raises(KeyboardInterrupt):
+                os.kill(os.getpid(), signal.SIGINT)
+        assert not interrupt
+    finally:
+        signal.signal(signal.SIGINT, suite_handler)

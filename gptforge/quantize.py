@@ -15,12 +15,15 @@ same arithmetic, slower: weights are then dequantized a block of rows at a time,
 
 int8 numerics: one scale per 64 weights of a row and per 64 activations of a row of x (both symmetric,
 round to nearest), products exact in int32 within a block: what llama.cpp's Q8_0 does with blocks of 32.
+int8 layout: rows in groups of 16, four columns of each of the 16 rows side by side (see matvec.c), so one
+VNNI instruction serves 16 rows; `dequantize_rows` and the tied embedding read rows back out of it.
 
 Inference only: swapped modules have no gradients and their weights are not saved with the model.
 """
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 import sys
 from typing import Optional
@@ -32,9 +35,11 @@ import torch.nn.functional as F
 from gptforge import native
 from gptforge.common import UserError
 from gptforge.lora import has_lora, merge_lora
+from gptforge.model import Block
 
 WEIGHTS = ("int8", "bf16")  # the values of --quantize; None keeps float32
 QBLOCK = 64  # matvec.c's QB
+GROUP = 16  # int8 weight rows interleaved together (matvec.c's layout)
 NATIVE_MAX_ROWS_F32 = 16  # float32 products of more rows of x than this go to torch's matmul (a GEMM)
 FALLBACK_CHUNK_BYTES = 4 << 20  # the torch fallback dequantizes at most this much of a weight at once
 _HUGE_PAGE = 2 << 20
@@ -65,6 +70,10 @@ def quantize_model(model: nn.Module, weights: Optional[str]) -> nn.Module:
             setattr(model.get_submodule(parent), child, PackedLinear.from_linear(module, kind))
     if tied:
         transformer.wte = PackedEmbedding(model.lm_head)
+    if transformer is not None and hasattr(transformer, "h"):
+        for i, block in enumerate(transformer.h):
+            if isinstance(block, Block):
+                transformer.h[i] = PackedBlock(block)
     model.packed_weights = kind  # for reports: what the model's products run on
     model.register_forward_pre_hook(_decode_step_begins, with_kwargs=True)
     model.register_forward_hook(_decode_step_ends, always_call=True)
@@ -79,8 +88,9 @@ class PackedLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features, self.kind = in_features, out_features, kind
         # not saved with the model: these are a derived, machine-specific form of its weights
-        self.register_buffer("packed", packed, persistent=False)  # f32/bf16 (N, K); int8 (N, Kp) uint8
-        self.register_buffer("scales", scales, persistent=False)  # int8: (N, Kp / QBLOCK) float32
+        # f32/bf16 (N, K); int8 (N16 / GROUP, Kp / QBLOCK, QBLOCK / 4, GROUP, 4) uint8, rows interleaved
+        self.register_buffer("packed", packed, persistent=False)
+        self.register_buffer("scales", scales, persistent=False)  # int8: (N16 / GROUP, Kp / QBLOCK, GROUP) float32
         self.register_buffer("bias", bias, persistent=False)  # (N,) float32 or None
 
     @classmethod
@@ -121,25 +131,91 @@ class PackedLinear(nn.Module):
     def _torch_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The kernels' arithmetic in torch, a block of weight rows at a time (no C compiler here)."""
         if self.kind == "int8":
-            x = fake_quantize_rows(x, self.packed.size(1))  # (M, Kp)
+            x = fake_quantize_rows(x, self.padded_in_features)  # (M, Kp)
         y = torch.empty(x.size(0), self.out_features)
-        rows = max(1, FALLBACK_CHUNK_BYTES // (4 * self.packed.size(1)))
+        rows = max(1, FALLBACK_CHUNK_BYTES // (4 * self.padded_in_features))
         for j in range(0, self.out_features, rows):
             y[:, j:j + rows] = x @ self.dequantize_rows(j, j + rows).t()
         return y + self.bias if self.bias is not None else y
 
+    @property
+    def padded_in_features(self) -> int:
+        """Row length as packed: in_features, rounded up to QBLOCK for int8."""
+        return -(-self.in_features // QBLOCK) * QBLOCK if self.kind == "int8" else self.in_features
+
     def dequantize_rows(self, start: int, end: int) -> torch.Tensor:
         """Weight rows [start, end) as float32 (N', K or Kp). Used by the torch fallback and embeddings,
         never on all rows of a large weight at once."""
-        rows = self.packed[start:end]
+        end = min(end, self.out_features)
         if self.kind != "int8":
-            return rows.float()
-        blocks = rows.view(rows.size(0), -1, QBLOCK).float().sub_(128)  # (N', Kp / QBLOCK, QBLOCK)
-        return (blocks * self.scales[start:end, :, None]).view(rows.size(0), -1)
+            return self.packed[start:end].float()
+        return self.dequantize(torch.arange(start, end))
+
+    def dequantize(self, rows: torch.Tensor) -> torch.Tensor:
+        """int8 weight rows `rows` (n,) as float32 (n, Kp), read out of the interleaved layout."""
+        group, lane = rows // GROUP, rows % GROUP
+        q = self.packed[group, :, :, lane, :]  # (n, Kp / QBLOCK, QBLOCK / 4, 4)
+        blocks = q.reshape(rows.numel(), -1, QBLOCK).float().sub_(128)  # (n, Kp / QBLOCK, QBLOCK)
+        return (blocks * self.scales[group, :, lane][:, :, None]).view(rows.numel(), -1)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, weights={self.kind}, " \
                f"bias={self.bias is not None}"
+
+
+class PackedBlock(nn.Module):
+    """A transformer block whose one-token decoding steps (a KV cache, one new position) run in C
+    (gptforge/native/block.c: LayerNorm, the packed products, attention over the cache, GELU, residuals:
+    the block's arithmetic without ~15 torch operations' dispatch). Everything else (prefill, no cache,
+    no C compiler) runs the wrapped Block itself."""
+
+    def __init__(self, block: Block):
+        super().__init__()
+        self.block = block
+        self.train(block.training)
+        self._desc = None  # the C descriptor: built at the first step, holding pointers into `block`
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, cache=None) -> torch.Tensor:
+        lib = native.load() if cache is not None and x.size(1) == 1 else None
+        if lib is None or not self._fits(x, attn_mask, cache):
+            return self.block(x, attn_mask, cache)
+        k, v, pos = cache  # (B, nh, max_len, hs) each
+        B, _, C = x.shape
+        out = x.contiguous().clone()  # (B, 1, C): the residual stream, updated in place by the C step
+        mask = None
+        if attn_mask is not None:  # (B, 1, 1, pos + 1): the slots each row attends
+            mask = attn_mask.expand(B, 1, 1, pos + 1).reshape(B, pos + 1).contiguous()
+        _sync_threads(lib)
+        rc = lib.gf_block_step(ctypes.byref(self._descriptor()), out.data_ptr(), B, C, self.block.attn.n_head,
+                               k.data_ptr(), v.data_ptr(), k.stride(0), k.stride(1), k.stride(2), pos,
+                               mask.data_ptr() if mask is not None else None, pos + 1)
+        if rc != 0:
+            raise MemoryError(f"no memory for a decoding step of {B} rows")
+        return out
+
+    def _fits(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor], cache) -> bool:
+        """The C step's assumptions; anything else takes the torch path."""
+        k, v, pos = cache
+        return (x.dtype == k.dtype == v.dtype == torch.float32 and x.device.type == "cpu" and not self.training
+                and k.stride() == v.stride() and k.stride(3) == 1 and pos < k.size(2)
+                and (attn_mask is None or (attn_mask.dtype == torch.bool and attn_mask.size(-1) == pos + 1
+                                           and attn_mask.size(-2) == 1)))
+
+    def _descriptor(self) -> "native.Block":
+        if self._desc is None:
+            b = self.block
+
+            def ptr(t):
+                return t.data_ptr() if t is not None else None
+
+            def linear(p: PackedLinear) -> native.Linear:
+                return native.Linear(native.KINDS[p.kind], p.out_features, p.in_features, ptr(p.packed),
+                                     ptr(p.scales), ptr(p.bias))
+
+            self._desc = native.Block(ptr(b.ln_1.weight), ptr(b.ln_1.bias), ptr(b.ln_2.weight), ptr(b.ln_2.bias),
+                                      b.ln_1.eps, linear(b.attn.c_attn), linear(b.attn.c_proj),
+                                      linear(b.mlp.c_fc), linear(b.mlp.c_proj))
+        return self._desc
 
 
 class PackedEmbedding(nn.Module):
@@ -162,8 +238,7 @@ class PackedEmbedding(nn.Module):
         elif head.kind == "bf16":
             rows = head.packed[flat].float()
         else:
-            blocks = head.packed[flat].view(flat.numel(), -1, QBLOCK).float().sub_(128)
-            rows = (blocks * head.scales[flat][:, :, None]).view(flat.numel(), -1)
+            rows = head.dequantize(flat)
         return rows[:, :self.embedding_dim].view(*idx.shape, self.embedding_dim)
 
 
@@ -175,16 +250,20 @@ def pack_weight(w: torch.Tensor, kind: str) -> tuple[torch.Tensor, Optional[torc
         return _huge_empty((N, K), torch.float32).copy_(w), None
     if kind == "bf16":
         return _huge_empty((N, K), torch.bfloat16).copy_(w), None
-    Kp = -(-K // QBLOCK) * QBLOCK
-    packed = _huge_empty((N, Kp), torch.uint8)
-    scales = torch.empty(N, Kp // QBLOCK)
-    rows = max(1, FALLBACK_CHUNK_BYTES // (4 * Kp))
-    for j in range(0, N, rows):
-        block = F.pad(w[j:j + rows], (0, Kp - K)).view(-1, Kp // QBLOCK, QBLOCK)  # (n, Kp / QB, QB)
-        amax = block.abs().amax(dim=-1)  # (n, Kp / QB)
-        q = torch.round(block * _inverse_steps(amax)[..., None]).clamp_(-127, 127)
-        packed[j:j + rows] = (q + 128).to(torch.uint8).view(-1, Kp)
-        scales[j:j + rows] = amax / 127.0
+    Kp, groups = -(-K // QBLOCK) * QBLOCK, -(-N // GROUP)
+    nb = Kp // QBLOCK
+    packed = _huge_empty((groups * GROUP, Kp), torch.uint8).view(groups, nb, QBLOCK // 4, GROUP, 4)
+    scales = torch.empty(groups, nb, GROUP)
+    step = max(1, FALLBACK_CHUNK_BYTES // (4 * Kp * GROUP))  # groups converted at once
+    for g in range(0, groups, step):
+        rows = w[g * GROUP:(g + step) * GROUP]
+        n = -(-rows.size(0) // GROUP)
+        block = F.pad(rows, (0, Kp - K, 0, n * GROUP - rows.size(0))).view(n, GROUP, nb, QBLOCK)
+        amax = block.abs().amax(dim=-1)  # (n, GROUP, nb)
+        q = torch.round(block * _inverse_steps(amax)[..., None]).clamp_(-127, 127).add_(128).to(torch.uint8)
+        # (n, GROUP, nb, QBLOCK / 4, 4) -> (n, nb, QBLOCK / 4, GROUP, 4): 4 columns of each row side by side
+        packed[g:g + n] = q.view(n, GROUP, nb, QBLOCK // 4, 4).permute(0, 2, 3, 1, 4)
+        scales[g:g + n] = (amax / 127.0).permute(0, 2, 1)
     return packed, scales
 
 

@@ -115,6 +115,51 @@ def test_fast_float32_path_equals_the_reference_path(backend):
     assert Engine(fast).generate(prompts, params) == Engine(model).generate(prompts, params)
 
 
+@pytest.mark.parametrize("kind", ["f32", "bf16", "int8"])
+def test_the_c_block_step_computes_what_the_block_computes(kind, monkeypatch):
+    """A one-token decoding step of a PackedBlock runs in C (native/block.c); it must give the logits of the
+    wrapped torch Block (same packed products), with left-padded rows (the attention mask) and without, and
+    so the same greedy tokens from the engine for prompts of different lengths."""
+    if native.load() is None:
+        pytest.skip(native.status())
+    model = quantize_model(tiny_gpt(n_layer=3, n_head=4, n_embd=128, block_size=96), None if kind == "f32" else kind)
+    fits, c_steps = quantize.PackedBlock._fits, []
+
+    def counted(self, *args):
+        c_steps.append(fits(self, *args))
+        return c_steps[-1]
+
+    monkeypatch.setattr(quantize.PackedBlock, "_fits", counted)
+
+    def run_in_torch(self, x, attn_mask=None, cache=None):
+        return self.block(x, attn_mask, cache)
+
+    ids = torch.randint(0, 300, (3, 40), generator=torch.Generator().manual_seed(2))
+    pads = torch.tensor([0, 5, 17])
+    prompts = [[1, 2, 3], [7] * 20, list(range(40, 75))]
+    params = SamplingParams(max_new_tokens=40, temperature=0.0)
+    logits, tokens = {}, {}
+    for path in ("c", "torch"):
+        if path == "torch":
+            monkeypatch.setattr(quantize.PackedBlock, "forward", run_in_torch)
+        out = []
+        for pad_lens in (None, pads):
+            cache = KVCache(model.config, 3, 60, torch.device("cpu"), pad_lens=pad_lens)
+            with torch.inference_mode():
+                model(ids[:, :12], kv_cache=cache)
+                out += [model(ids[:, t:t + 1], kv_cache=cache)[0] for t in range(12, 40)]
+        logits[path] = torch.cat(out)
+        tokens[path] = Engine(model).generate(prompts, params)
+    # every decoding step of every block ran in C: 2 x 28 steps of the loop, 39 of the engine, 3 blocks
+    assert c_steps.count(True) == 3 * (2 * 28 + 39) and all(c_steps)
+    # int8: the two LayerNorms agree to float rounding, which can put an activation on the other side of an
+    # int8 rounding boundary (one step of its block's scale), hence the looser bound
+    tolerance = 2e-3 if kind == "int8" else 1e-4
+    torch.testing.assert_close(logits["c"], logits["torch"], rtol=tolerance,
+                               atol=tolerance * logits["torch"].abs().max().item())
+    assert tokens["c"] == tokens["torch"]
+
+
 @pytest.mark.parametrize("kind", ["int8", "bf16"])
 def test_quantized_models_hold_their_weights_packed_and_untied_embeddings_stay(kind):
     model = quantize_model(tiny_gpt(), kind)

@@ -1,5 +1,6 @@
-"""Our C matrix-vector kernels (matvec.c), compiled on first use with the system's C compiler and loaded
-through ctypes; `gptforge.quantize` calls them for the small products of decoding.
+"""Our C kernels, compiled on first use with the system's C compiler and loaded through ctypes: the
+matrix-vector products of decoding (matvec.c) and a whole block's one-token decoding step (block.c);
+`gptforge.quantize` calls them.
 
 Nothing here is required: without a C compiler (or with GPTFORGE_NATIVE=0, or on a failed build) `load()`
 returns None, `status()` says why in one line, and the callers use torch's own operations instead, with
@@ -23,8 +24,10 @@ from typing import Optional
 
 from gptforge.common import cache_dir
 
-SOURCE = Path(__file__).with_name("matvec.c")
-ABI = 1  # matvec.c's GF_ABI: the signatures below
+FOLDER = Path(__file__).parent
+SOURCES = [FOLDER / "matvec.c", FOLDER / "block.c"]
+HEADERS = [FOLDER / "matvec.h"]
+ABI = 2  # matvec.h's GF_ABI: the signatures below
 KINDS = {"f32": 0, "bf16": 1, "int8": 2}
 FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-pthread", "-std=c11"]
 BUILD_TIMEOUT_S = 300
@@ -91,6 +94,9 @@ def _load() -> ctypes.CDLL:
     lib.gf_matvec.argtypes = [i, p, p, p, p, p, i, i, i]
     lib.gf_matvec.restype = i
     lib.gf_set_threads.argtypes = [i]
+    lib.gf_block_step.argtypes = [p, p, i, i, i, p, p, ctypes.c_long, ctypes.c_long, ctypes.c_long, i, p,
+                                  ctypes.c_long]
+    lib.gf_block_step.restype = i
     import torch
 
     lib.gf_set_threads(torch.get_num_threads())
@@ -99,7 +105,7 @@ def _load() -> ctypes.CDLL:
 
 def _built(compiler: str) -> Path:
     """The shared library for this source, compiler and CPU, compiling it if it is not in the cache."""
-    source = SOURCE.read_bytes()
+    source = b"\0".join(f.read_bytes() for f in SOURCES + HEADERS)
     try:
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError) as e:
@@ -118,17 +124,18 @@ def _built(compiler: str) -> Path:
         os.close(fd)
     except OSError as e:
         raise _Unavailable(f"cannot write to {folder}: {e}") from None
+    names = " and ".join(f.name for f in SOURCES)
     try:
-        done = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True,
-                              timeout=BUILD_TIMEOUT_S)
+        done = subprocess.run([compiler, *FLAGS, *map(str, SOURCES), "-o", tmp, "-lm"], capture_output=True,
+                              text=True, timeout=BUILD_TIMEOUT_S)
         if done.returncode != 0:
             last = (done.stderr.strip().splitlines() or ["no message"])[-1]
-            raise _Unavailable(f"{Path(compiler).name} failed on {SOURCE.name}: {last}")
+            raise _Unavailable(f"{Path(compiler).name} failed on {names}: {last}")
         os.replace(tmp, path)
     except subprocess.TimeoutExpired:
-        raise _Unavailable(f"compiling {SOURCE.name} took over {BUILD_TIMEOUT_S} s") from None
+        raise _Unavailable(f"compiling {names} took over {BUILD_TIMEOUT_S} s") from None
     except OSError as e:
-        raise _Unavailable(f"cannot build {SOURCE.name}: {e}") from None
+        raise _Unavailable(f"cannot build {names}: {e}") from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -142,3 +149,16 @@ def _cpu_signature() -> str:
         return platform.machine() + platform.processor()
     lines = [ln for ln in info.splitlines() if ln.startswith(("model name", "flags", "Features"))]
     return platform.machine() + "\n" + "\n".join(sorted(set(lines)))
+
+
+class Linear(ctypes.Structure):
+    """block.c's gf_linear: one packed weight product."""
+    _fields_ = [("kind", ctypes.c_int), ("N", ctypes.c_int), ("K", ctypes.c_int), ("w", ctypes.c_void_p),
+                ("sw", ctypes.c_void_p), ("b", ctypes.c_void_p)]
+
+
+class Block(ctypes.Structure):
+    """block.c's gf_block: a transformer block's LayerNorms and packed products."""
+    _fields_ = [("ln1_w", ctypes.c_void_p), ("ln1_b", ctypes.c_void_p), ("ln2_w", ctypes.c_void_p),
+                ("ln2_b", ctypes.c_void_p), ("eps", ctypes.c_float), ("qkv", Linear), ("proj", Linear),
+                ("fc", Linear), ("out", Linear)]

@@ -6,13 +6,17 @@
  * at the machine's bandwidth on every core. torch's float32 product runs on one core for these shapes and
  * its int8 kernels are GEMM kernels; these loops read each weight row once, front to back, with x in L1.
  *
- * int8 layout (one scale per QB weights of a row, one per QB activations of a row of x):
- *   w  (N, Kp) uint8 = round(W / sw) + 128, Kp = K rounded up to QB, padding = 128 (zero)
- *   sw (N, Kp / QB) float32
+ * int8 layout (one scale per QB weights of a row, one per QB activations of a row of x), rows in groups of 16:
+ *   w  (N16 / 16, Kp / QB, QB / 4, 16, 4) uint8: for a group of 16 rows and a block of QB columns, 4
+ *      consecutive weights of each of the 16 rows, then the next 4 columns; q = round(W / sw) + 128, padding
+ *      128 (zero); N16 = N rounded up to 16, Kp = K rounded up to QB
+ *   sw (N16 / 16, Kp / QB, 16) float32
  *   x is quantized per call the same way (int8, scales sx), so each block's dot product is exact in int32:
  *   y[m, j] = sum_b sw[j, b] * sx[m, b] * sum_{k in b} q_w[j, k] q_x[m, k]  (+ bias).
- *   The +128 makes w unsigned for VPDPBUSD (u8 x s8); the extra 128 * sum(q_x) per 4 bytes is subtracted
- *   up front (nc = -128 * sums of 4 q_x), so the inner loop is one load and one VPDPBUSD per 64 weights.
+ *   With this layout one VPDPBUSD (u8 x s8) multiplies 4 columns of 16 rows by the same 4 activations
+ *   (broadcast), each 32-bit lane accumulating its own row: no horizontal sums, one load and one instruction
+ *   per 64 weights. The +128 makes w unsigned; the extra 128 * sum(q_x) of a block is the same for every
+ *   row and is subtracted once per block (nc = -128 * sum of the block's q_x).
  *
  * Threads: a small pool of our own. The caller and the workers claim chunks of rows from one counter and
  * the caller waits only for chunks already claimed: a worker the OS has not scheduled (a busy machine)
@@ -27,6 +31,8 @@
 #include <string.h>
 #include <time.h>
 
+#include "matvec.h"
+
 #if defined(__x86_64__) && defined(__AVX512F__) && defined(__AVX512BW__)
 #include <immintrin.h>
 #define GF_AVX512 1
@@ -35,21 +41,19 @@
 #endif
 #endif
 
-#define GF_ABI 1
 #define QB 64            /* int8 block along K */
 #define MB 4             /* rows of x per pass over a weight row */
 #define JB 32            /* weight rows per sub-block when x has more than MB rows (kept in L2) */
 #define MAX_THREADS 64
 #define SPIN_NS 200000   /* an idle worker spins this long before sleeping (decode steps come ~every ms) */
 
-enum { F32 = 0, BF16 = 1, Q8 = 2 };
 
 typedef struct {
     int kind, M, N, K;           /* K: row length of w as stored (Kp for int8) */
     const float *x;              /* (M, K) float32; int8: unused */
     const void *w;
     const float *sw, *b;         /* int8 scales (N, K / QB); bias (N) or NULL */
-    const int8_t *xq;            /* int8: quantized x (M, K), scales sx (M, K / QB), nc (M, K / 4) */
+    const int8_t *xq;            /* int8: quantized x (M, K), scales sx (M, K / QB), nc (M, K / QB) */
     const float *sx;
     const int32_t *nc;
     float *y;                    /* (M, N) */
@@ -128,26 +132,54 @@ static void bf16_rows(const job_t *t, int m0, int mm, int j0, int j1) {
 #endif
 
 #ifdef GF_VNNI
-static void q8_rows(const job_t *t, int m0, int mm, int j0, int j1) {
+#define CH 4  /* independent VPDPBUSD chains per row of x: one chain would wait on the instruction's latency */
+
+/* Rows [j0, j1) of W, j0 a multiple of 16: one group of 16 rows at a time, one 32-bit lane per row.
+ * Inlined for each count of x rows (mm), so that the accumulators stay in registers. */
+static inline __attribute__((always_inline)) void q8_groups(const job_t *t, int m0, const int mm, int j0, int j1) {
     const uint8_t *w = (const uint8_t *)t->w;
-    int Kp = t->K, nb = Kp / QB;
-    for (int j = j0; j < j1; j++) {
-        const uint8_t *wr = w + (size_t)j * Kp;
-        const float *swr = t->sw + (size_t)j * nb;
+    int Kp = t->K, nb = Kp / QB, N = t->N;
+    for (int j = j0; j < j1; j += 16) {
+        const uint8_t *wg = w + (size_t)(j / 16) * nb * 16 * QB;
+        const float *sg = t->sw + (size_t)(j / 16) * nb * 16;
         __m512 acc[MB];
         for (int m = 0; m < mm; m++) acc[m] = _mm512_setzero_ps();
         for (int b = 0; b < nb; b++) {
-            _mm_prefetch((const char *)(wr + b * QB) + 4096, _MM_HINT_T0);
-            __m512i wv = _mm512_loadu_si512((const void *)(wr + b * QB));
+            const uint8_t *wb = wg + (size_t)b * 16 * QB;
+            __m512i d[MB][CH];
             for (int m = 0; m < mm; m++) {
-                size_t r = (size_t)(m0 + m);
-                __m512i d = _mm512_dpbusd_epi32(_mm512_loadu_si512((const void *)(t->nc + r * (Kp / 4) + b * 16)), wv,
-                                                _mm512_loadu_si512((const void *)(t->xq + r * Kp + b * QB)));
-                acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_set1_ps(swr[b] * t->sx[r * nb + b]), acc[m]);
+                d[m][0] = _mm512_set1_epi32(t->nc[(size_t)(m0 + m) * nb + b]);
+                for (int c = 1; c < CH; c++) d[m][c] = _mm512_setzero_si512();
+            }
+            for (int k4 = 0; k4 < QB / 4; k4 += CH) {
+                for (int c = 0; c < CH; c++) {
+                    __m512i wv = _mm512_loadu_si512((const void *)(wb + (k4 + c) * 64));
+                    for (int m = 0; m < mm; m++) {
+                        const int32_t *xb = (const int32_t *)(t->xq + (size_t)(m0 + m) * Kp + b * QB);
+                        d[m][c] = _mm512_dpbusd_epi32(d[m][c], wv, _mm512_set1_epi32(xb[k4 + c]));
+                    }
+                }
+            }
+            __m512 sw = _mm512_loadu_ps(sg + b * 16);
+            for (int m = 0; m < mm; m++) {
+                __m512i sum = _mm512_add_epi32(_mm512_add_epi32(d[m][0], d[m][1]), _mm512_add_epi32(d[m][2], d[m][3]));
+                __m512 s = _mm512_mul_ps(sw, _mm512_set1_ps(t->sx[(size_t)(m0 + m) * nb + b]));
+                acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), s, acc[m]);
             }
         }
+        __mmask16 live = N - j >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (N - j)) - 1);
+        __m512 bias = t->b ? _mm512_maskz_loadu_ps(live, t->b + j) : _mm512_setzero_ps();
         for (int m = 0; m < mm; m++)
-            t->y[(size_t)(m0 + m) * t->N + j] = _mm512_reduce_add_ps(acc[m]) + (t->b ? t->b[j] : 0.f);
+            _mm512_mask_storeu_ps(t->y + (size_t)(m0 + m) * N + j, live, _mm512_add_ps(acc[m], bias));
+    }
+}
+
+static void q8_rows(const job_t *t, int m0, int mm, int j0, int j1) {
+    switch (mm) {
+    case 1: q8_groups(t, m0, 1, j0, j1); break;
+    case 2: q8_groups(t, m0, 2, j0, j1); break;
+    case 3: q8_groups(t, m0, 3, j0, j1); break;
+    default: q8_groups(t, m0, 4, j0, j1); break;
     }
 }
 #endif
@@ -197,18 +229,22 @@ static void bf16_rows(const job_t *t, int m0, int mm, int j0, int j1) {
 static void q8_rows(const job_t *t, int m0, int mm, int j0, int j1) {
     const uint8_t *w = (const uint8_t *)t->w;
     int Kp = t->K, nb = Kp / QB;
-    for (int j = j0; j < j1; j++)
+    for (int j = j0; j < j1; j++) {
+        const uint8_t *wg = w + (size_t)(j / 16) * nb * 16 * QB;
+        int lane = j % 16;
         for (int m = m0; m < m0 + mm; m++) {
-            const uint8_t *wr = w + (size_t)j * Kp;
             const int8_t *xr = t->xq + (size_t)m * Kp;
             float s = 0.f;
             for (int b = 0; b < nb; b++) {
-                int32_t d = 0;
-                for (int k = b * QB; k < b * QB + QB; k++) d += ((int32_t)wr[k] - 128) * xr[k];
-                s += (float)d * (t->sw[(size_t)j * nb + b] * t->sx[(size_t)m * nb + b]);
+                const uint8_t *wb = wg + (size_t)b * 16 * QB;
+                int32_t d = t->nc[(size_t)m * nb + b];
+                for (int k4 = 0; k4 < QB / 4; k4++)
+                    for (int i = 0; i < 4; i++) d += (int32_t)wb[k4 * 64 + lane * 4 + i] * xr[b * QB + k4 * 4 + i];
+                s += (float)d * (t->sw[((size_t)(j / 16) * nb + b) * 16 + lane] * t->sx[(size_t)m * nb + b]);
             }
             t->y[(size_t)m * t->N + j] = s + (t->b ? t->b[j] : 0.f);
         }
+    }
 }
 #endif
 
@@ -310,7 +346,7 @@ static void run(job_t *t) {
     /* ~8 chunks per thread, at least 16 rows each: claims are cheap next to a chunk's work, and a chunk
      * left to a thread that gets descheduled is small */
     int chunk = t->N / (threads * 8);
-    chunk = chunk < 16 ? 16 : chunk;
+    chunk = chunk < 16 ? 16 : chunk / 16 * 16;  /* int8 rows come in groups of 16 */
     t->chunk = chunk;
     pool.job = *t;
     pool.nchunks = (t->N + chunk - 1) / chunk;
@@ -343,7 +379,7 @@ static int quantize_x(const float *x, int M, int K, int Kp) {
         free(scratch.xq); free(scratch.sx); free(scratch.nc);
         scratch.xq = malloc(need);
         scratch.sx = malloc(need / QB * sizeof(float));
-        scratch.nc = malloc(need / 4 * sizeof(int32_t));
+        scratch.nc = malloc(need / QB * sizeof(int32_t));
         scratch.cap = scratch.xq && scratch.sx && scratch.nc ? need : 0;
         if (!scratch.cap) return -1;
     }
@@ -357,10 +393,13 @@ static int quantize_x(const float *x, int M, int K, int Kp) {
             for (int k = k0; k < k1; k++) amax = fmaxf(amax, fabsf(xr[k]));
             float inv = amax > 0.f ? 127.f / amax : 0.f;
             scratch.sx[(size_t)m * nb + b] = amax / 127.f;
-            for (int k = k0; k < k0 + QB; k++) q[k] = k < k1 ? (int8_t)lrintf(xr[k] * inv) : 0;
+            int32_t sum = 0;
+            for (int k = k0; k < k0 + QB; k++) {
+                q[k] = k < k1 ? (int8_t)lrintf(xr[k] * inv) : 0;
+                sum += q[k];
+            }
+            scratch.nc[(size_t)m * nb + b] = -128 * sum;
         }
-        for (int l = 0; l < Kp / 4; l++)
-            scratch.nc[(size_t)m * (Kp / 4) + l] = -128 * (q[4 * l] + q[4 * l + 1] + q[4 * l + 2] + q[4 * l + 3]);
     }
     return 0;
 }
@@ -390,17 +429,24 @@ void gf_set_threads(int n) {
     pool.threads = n < 1 ? 1 : n > MAX_THREADS ? MAX_THREADS : n;
 }
 
-int gf_matvec(int kind, const float *x, const void *w, const float *sw, const float *b, float *y, int M, int N, int K) {
+void gf_lock(void) { pthread_mutex_lock(&pool.call); }
+void gf_unlock(void) { pthread_mutex_unlock(&pool.call); }
+
+int gf_product(int kind, const float *x, const void *w, const float *sw, const float *b, float *y, int M, int N, int K) {
     job_t t = {kind, M, N, K, x, w, sw, b, NULL, NULL, NULL, y, 0};
-    pthread_mutex_lock(&pool.call);
-    int rc = 0;
     if (kind == Q8) {
         int Kp = (K + QB - 1) / QB * QB;
-        rc = quantize_x(x, M, K, Kp);
+        if (quantize_x(x, M, K, Kp) != 0) return -1;
         t.K = Kp;
         t.xq = scratch.xq; t.sx = scratch.sx; t.nc = scratch.nc;
     }
-    if (rc == 0) run(&t);
-    pthread_mutex_unlock(&pool.call);
+    run(&t);
+    return 0;
+}
+
+int gf_matvec(int kind, const float *x, const void *w, const float *sw, const float *b, float *y, int M, int N, int K) {
+    gf_lock();
+    int rc = gf_product(kind, x, w, sw, b, y, M, N, K);
+    gf_unlock();
     return rc;
 }

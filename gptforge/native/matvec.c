@@ -389,6 +389,26 @@ static int quantize_x(const float *x, int M, int K, int Kp) {
         int8_t *q = scratch.xq + (size_t)m * Kp;
         for (int b = 0; b < nb; b++) {
             int k0 = b * QB, k1 = k0 + QB < K ? k0 + QB : K;
+#ifdef GF_AVX512
+            if (k1 - k0 == QB) {  /* a whole block: the same arithmetic, 16 values an instruction */
+                __m512 v[QB / 16], top = _mm512_setzero_ps();
+                for (int i = 0; i < QB / 16; i++) {
+                    v[i] = _mm512_loadu_ps(xr + k0 + 16 * i);
+                    top = _mm512_max_ps(top, _mm512_abs_ps(v[i]));
+                }
+                float amax = _mm512_reduce_max_ps(top);
+                float inv = amax > 0.f ? 127.f / amax : 0.f;
+                scratch.sx[(size_t)m * nb + b] = amax / 127.f;
+                __m512i total = _mm512_setzero_si512();
+                for (int i = 0; i < QB / 16; i++) {  /* cvtps rounds to nearest even, as lrintf */
+                    __m512i r = _mm512_cvtps_epi32(_mm512_mul_ps(v[i], _mm512_set1_ps(inv)));
+                    total = _mm512_add_epi32(total, r);
+                    _mm_storeu_si128((__m128i *)(q + k0 + 16 * i), _mm512_cvtepi32_epi8(r));
+                }
+                scratch.nc[(size_t)m * nb + b] = -128 * _mm512_reduce_add_epi32(total);
+                continue;
+            }
+#endif
             float amax = 0.f;
             for (int k = k0; k < k1; k++) amax = fmaxf(amax, fabsf(xr[k]));
             float inv = amax > 0.f ? 127.f / amax : 0.f;

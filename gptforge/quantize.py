@@ -13,8 +13,12 @@ here: TLB misses). Larger products (a long prompt's prefill, eval batches) go to
 int8/bf16 and to torch's matmul for float32. Without a C compiler every product runs in torch with the
 same arithmetic, slower: weights are then dequantized a block of rows at a time, never all at once.
 
-int8 numerics: one scale per 64 weights of a row and per 64 activations of a row of x (both symmetric,
-round to nearest), products exact in int32 within a block: what llama.cpp's Q8_0 does with blocks of 32.
+int8 numerics: one scale per 64 weights of a row (symmetric, round to nearest), llama.cpp's Q8_0 with
+blocks of 64. Activations are quantized per call, per 64 values of a row, to two int8 digits: the first
+rounds x to the block's int8 steps, the second rounds what is left in steps 254 times finer. Both digits
+multiply the same int8 weights (two VNNI instructions a weight load: the step stays bound by reading the
+weights), exact in int32, so the activations carry ~15 bits and nearly all the error is the weights' own
+(measured in docs/benchmarks.md: fewer greedy flips than with one digit, Q8_0's way).
 int8 layout: rows in groups of 16, four columns of each of the 16 rows side by side (see matvec.c), so one
 VNNI instruction serves 16 rows; `dequantize_rows` and the tied embedding read rows back out of it.
 
@@ -40,6 +44,7 @@ from gptforge.model import Block
 WEIGHTS = ("int8", "bf16")  # the values of --quantize; None keeps float32
 QBLOCK = 64  # matvec.c's QB
 GROUP = 16  # int8 weight rows interleaved together (matvec.c's layout)
+X_DIGIT = 254  # matvec.c's XL: activations are two int8 digits, the second in 1/254 steps of the first
 NATIVE_MAX_ROWS_F32 = 16  # float32 products of more rows of x than this go to torch's matmul (a GEMM)
 FALLBACK_CHUNK_BYTES = 4 << 20  # the torch fallback dequantizes at most this much of a weight at once
 _HUGE_PAGE = 2 << 20
@@ -269,10 +274,14 @@ def pack_weight(w: torch.Tensor, kind: str) -> tuple[torch.Tensor, Optional[torc
 
 def fake_quantize_rows(x: torch.Tensor, Kp: int) -> torch.Tensor:
     """x (M, K) float32 rounded as the int8 kernel quantizes it: per row, one scale per QBLOCK values,
-    zero-padded to Kp. Returns the dequantized values (M, Kp)."""
+    two int8 digits (the second in steps of 1/X_DIGIT of the first's), zero-padded to Kp. Returns the
+    dequantized values (M, Kp)."""
     blocks = F.pad(x, (0, Kp - x.size(1))).view(x.size(0), -1, QBLOCK)  # (M, Kp / QB, QB)
     amax = blocks.abs().amax(dim=-1, keepdim=True)
-    return (torch.round(blocks * _inverse_steps(amax)) * (amax / 127.0)).view(x.size(0), Kp)
+    u = blocks * _inverse_steps(amax)  # in steps of the first digit
+    first = torch.round(u)
+    second = torch.round((u - first) * X_DIGIT)
+    return ((first * X_DIGIT + second) * (amax / 127.0 / X_DIGIT)).view(x.size(0), Kp)
 
 
 def _inverse_steps(amax: torch.Tensor) -> torch.Tensor:

@@ -266,10 +266,11 @@ def test_without_a_compiler_the_torch_fallback_says_why(monkeypatch, tmp_path):
 @pytest.mark.slow
 def test_quantized_trained_model_keeps_its_perplexity_and_flips_only_near_ties(tiny_bpe_run):
     """The issue's quality bar on a model trained here: int8 (and bf16) perplexity on the WikiText slice within
-    1% of float32. Greedy continuations: the bar is identical tokens for 9 of 10 prompts; on this briefly
-    trained model (small logit margins) int8 measured 8/10, so what is asserted is why a continuation may
-    differ: every one that does first differs at a near-tie of float32's two best logits (a margin among the
-    smallest 10% of float32's own margins over all its greedy steps), never where float32 was decided."""
+    1% of float32. Greedy continuations: the bar is identical tokens for 9 of 10 prompts, measured 9/10 for
+    int8 (two-digit activations; 8/10 with one int8 digit) and 10/10 for bf16 on this briefly trained model
+    (small logit margins), which leaves one flip of slack here; and why a continuation may differ: every one
+    that does first differs at a near-tie of float32's two best logits (a margin among the smallest 10% of
+    float32's own margins over all its greedy steps), never where float32 was decided."""
     model, tok, _ = load_model(tiny_bpe_run)
     prompts = [tok.encode(p) for p in PROMPTS]
     params = SamplingParams(max_new_tokens=32, temperature=0.0)
@@ -284,4 +285,4 @@ def test_quantized_trained_model_keeps_its_perplexity_and_flips_only_near_ties(t
               f"{[round(m, 4) for m in margins]}; 10% of its margins are under {near_tie:.4f}); "
               f"perplexity {ppl:.3f} vs float32 {fp32_ppl:.3f}")
         assert abs(ppl / fp32_ppl - 1) < 0.01
-        assert len(margins) <= 3 and all(0 <= m <= near_tie for m in margins)
+        assert len(margins) <= 2 and all(0 <= m <= near_tie for m in margins)

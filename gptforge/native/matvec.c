@@ -11,12 +11,14 @@
  *      consecutive weights of each of the 16 rows, then the next 4 columns; q = round(W / sw) + 128, padding
  *      128 (zero); N16 = N rounded up to 16, Kp = K rounded up to QB
  *   sw (N16 / 16, Kp / QB, 16) float32
- *   x is quantized per call the same way (int8, scales sx), so each block's dot product is exact in int32:
- *   y[m, j] = sum_b sw[j, b] * sx[m, b] * sum_{k in b} q_w[j, k] q_x[m, k]  (+ bias).
+ *   x is quantized per call per QB values of a row to two int8 digits, q1 = round(x / sx) and
+ *   q2 = round((x / sx - q1) * XL), so x ~ (XL q1 + q2) sx / XL (~15 bits; one digit, Q8_0's way, flips
+ *   more greedy tokens). Each block's dot products are exact in int32:
+ *   y[m, j] = sum_b sw[j, b] * sx[m, b] / XL * (XL * sum_{k in b} q_w[j, k] q1[m, k] + sum_{k in b} q_w[j, k] q2[m, k])
  *   With this layout one VPDPBUSD (u8 x s8) multiplies 4 columns of 16 rows by the same 4 activations
- *   (broadcast), each 32-bit lane accumulating its own row: no horizontal sums, one load and one instruction
- *   per 64 weights. The +128 makes w unsigned; the extra 128 * sum(q_x) of a block is the same for every
- *   row and is subtracted once per block (nc = -128 * sum of the block's q_x).
+ *   (broadcast), each 32-bit lane accumulating its own row: no horizontal sums, one load and two instructions
+ *   (one a digit) per 64 weights, still bound by reading the weights. The +128 makes w unsigned; the extra
+ *   128 * (XL sum(q1) + sum(q2)) of a block is the same for every row and is subtracted once per block (nc).
  *
  * Threads: a small pool of our own. The caller and the workers claim chunks of rows from one counter and
  * the caller waits only for chunks already claimed: a worker the OS has not scheduled (a busy machine)
@@ -42,6 +44,7 @@
 #endif
 
 #define QB 64            /* int8 block along K */
+#define XL 254           /* x's second int8 digit counts in steps of 1/XL of the first's */
 #define MB 4             /* rows of x per pass over a weight row */
 #define JB 32            /* weight rows per sub-block when x has more than MB rows (kept in L2) */
 #define MAX_THREADS 64
@@ -53,7 +56,7 @@ typedef struct {
     const float *x;              /* (M, K) float32; int8: unused */
     const void *w;
     const float *sw, *b;         /* int8 scales (N, K / QB); bias (N) or NULL */
-    const int8_t *xq;            /* int8: quantized x (M, K), scales sx (M, K / QB), nc (M, K / QB) */
+    const int8_t *xq, *xl;       /* int8: x's two int8 digits (M, Kp), scales sx (M, Kp / QB), nc (M, Kp / QB) */
     const float *sx;
     const int32_t *nc;
     float *y;                    /* (M, N) */
@@ -132,10 +135,11 @@ static void bf16_rows(const job_t *t, int m0, int mm, int j0, int j1) {
 #endif
 
 #ifdef GF_VNNI
-#define CH 4  /* independent VPDPBUSD chains per row of x: one chain would wait on the instruction's latency */
+#define CH 2  /* independent VPDPBUSD chains per digit and row of x: one chain would wait on the latency */
 
-/* Rows [j0, j1) of W, j0 a multiple of 16: one group of 16 rows at a time, one 32-bit lane per row.
- * Inlined for each count of x rows (mm), so that the accumulators stay in registers. */
+/* Rows [j0, j1) of W, j0 a multiple of 16: one group of 16 rows at a time, one 32-bit lane per row; each
+ * weight load serves both digits of every row of x. Inlined for each count of x rows (mm), so that the
+ * accumulators stay in registers. */
 static inline __attribute__((always_inline)) void q8_groups(const job_t *t, int m0, const int mm, int j0, int j1) {
     const uint8_t *w = (const uint8_t *)t->w;
     int Kp = t->K, nb = Kp / QB, N = t->N;
@@ -146,25 +150,27 @@ static inline __attribute__((always_inline)) void q8_groups(const job_t *t, int 
         for (int m = 0; m < mm; m++) acc[m] = _mm512_setzero_ps();
         for (int b = 0; b < nb; b++) {
             const uint8_t *wb = wg + (size_t)b * 16 * QB;
-            __m512i d[MB][CH];
-            for (int m = 0; m < mm; m++) {
-                d[m][0] = _mm512_set1_epi32(t->nc[(size_t)(m0 + m) * nb + b]);
-                for (int c = 1; c < CH; c++) d[m][c] = _mm512_setzero_si512();
-            }
+            __m512i hi[MB][CH], lo[MB][CH];
+            for (int m = 0; m < mm; m++)
+                for (int c = 0; c < CH; c++) hi[m][c] = lo[m][c] = _mm512_setzero_si512();
             for (int k4 = 0; k4 < QB / 4; k4 += CH) {
                 for (int c = 0; c < CH; c++) {
                     __m512i wv = _mm512_loadu_si512((const void *)(wb + (k4 + c) * 64));
                     for (int m = 0; m < mm; m++) {
-                        const int32_t *xb = (const int32_t *)(t->xq + (size_t)(m0 + m) * Kp + b * QB);
-                        d[m][c] = _mm512_dpbusd_epi32(d[m][c], wv, _mm512_set1_epi32(xb[k4 + c]));
+                        size_t at = (size_t)(m0 + m) * Kp + b * QB;
+                        const int32_t *xh = (const int32_t *)(t->xq + at), *xl = (const int32_t *)(t->xl + at);
+                        hi[m][c] = _mm512_dpbusd_epi32(hi[m][c], wv, _mm512_set1_epi32(xh[k4 + c]));
+                        lo[m][c] = _mm512_dpbusd_epi32(lo[m][c], wv, _mm512_set1_epi32(xl[k4 + c]));
                     }
                 }
             }
             __m512 sw = _mm512_loadu_ps(sg + b * 16);
             for (int m = 0; m < mm; m++) {
-                __m512i sum = _mm512_add_epi32(_mm512_add_epi32(d[m][0], d[m][1]), _mm512_add_epi32(d[m][2], d[m][3]));
-                __m512 s = _mm512_mul_ps(sw, _mm512_set1_ps(t->sx[(size_t)(m0 + m) * nb + b]));
-                acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), s, acc[m]);
+                size_t mb = (size_t)(m0 + m) * nb + b;
+                __m512i h = _mm512_add_epi32(hi[m][0], hi[m][1]), l = _mm512_add_epi32(lo[m][0], lo[m][1]);
+                __m512i d = _mm512_add_epi32(_mm512_add_epi32(_mm512_mullo_epi32(h, _mm512_set1_epi32(XL)), l),
+                                             _mm512_set1_epi32(t->nc[mb]));
+                acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_mul_ps(sw, _mm512_set1_ps(t->sx[mb])), acc[m]);
             }
         }
         __mmask16 live = N - j >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (N - j)) - 1);
@@ -233,13 +239,18 @@ static void q8_rows(const job_t *t, int m0, int mm, int j0, int j1) {
         const uint8_t *wg = w + (size_t)(j / 16) * nb * 16 * QB;
         int lane = j % 16;
         for (int m = m0; m < m0 + mm; m++) {
-            const int8_t *xr = t->xq + (size_t)m * Kp;
+            const int8_t *xh = t->xq + (size_t)m * Kp, *xl = t->xl + (size_t)m * Kp;
             float s = 0.f;
             for (int b = 0; b < nb; b++) {
                 const uint8_t *wb = wg + (size_t)b * 16 * QB;
-                int32_t d = t->nc[(size_t)m * nb + b];
+                int32_t hi = 0, lo = 0;
                 for (int k4 = 0; k4 < QB / 4; k4++)
-                    for (int i = 0; i < 4; i++) d += (int32_t)wb[k4 * 64 + lane * 4 + i] * xr[b * QB + k4 * 4 + i];
+                    for (int i = 0; i < 4; i++) {
+                        int32_t wv = wb[k4 * 64 + lane * 4 + i];
+                        hi += wv * xh[b * QB + k4 * 4 + i];
+                        lo += wv * xl[b * QB + k4 * 4 + i];
+                    }
+                int32_t d = hi * XL + lo + t->nc[(size_t)m * nb + b];
                 s += (float)d * (t->sw[((size_t)(j / 16) * nb + b) * 16 + lane] * t->sx[(size_t)m * nb + b]);
             }
             t->y[(size_t)m * t->N + j] = s + (t->b ? t->b[j] : 0.f);
@@ -371,22 +382,23 @@ static void reset_after_fork(void) {  /* the child has no workers; locks may hav
 }
 
 /* ---- int8 activations: the caller quantizes x once per product ---------------------------------------- */
-static struct { int8_t *xq; float *sx; int32_t *nc; size_t cap; } scratch;
+static struct { int8_t *xq, *xl; float *sx; int32_t *nc; size_t cap; } scratch;
 
 static int quantize_x(const float *x, int M, int K, int Kp) {
     size_t need = (size_t)M * Kp;
     if (need > scratch.cap) {
-        free(scratch.xq); free(scratch.sx); free(scratch.nc);
+        free(scratch.xq); free(scratch.xl); free(scratch.sx); free(scratch.nc);
         scratch.xq = malloc(need);
+        scratch.xl = malloc(need);
         scratch.sx = malloc(need / QB * sizeof(float));
         scratch.nc = malloc(need / QB * sizeof(int32_t));
-        scratch.cap = scratch.xq && scratch.sx && scratch.nc ? need : 0;
+        scratch.cap = scratch.xq && scratch.xl && scratch.sx && scratch.nc ? need : 0;
         if (!scratch.cap) return -1;
     }
     int nb = Kp / QB;
     for (int m = 0; m < M; m++) {
         const float *xr = x + (size_t)m * K;
-        int8_t *q = scratch.xq + (size_t)m * Kp;
+        int8_t *q = scratch.xq + (size_t)m * Kp, *ql = scratch.xl + (size_t)m * Kp;
         for (int b = 0; b < nb; b++) {
             int k0 = b * QB, k1 = k0 + QB < K ? k0 + QB : K;
 #ifdef GF_AVX512
@@ -398,12 +410,15 @@ static int quantize_x(const float *x, int M, int K, int Kp) {
                 }
                 float amax = _mm512_reduce_max_ps(top);
                 float inv = amax > 0.f ? 127.f / amax : 0.f;
-                scratch.sx[(size_t)m * nb + b] = amax / 127.f;
+                scratch.sx[(size_t)m * nb + b] = amax / 127.f / XL;
                 __m512i total = _mm512_setzero_si512();
                 for (int i = 0; i < QB / 16; i++) {  /* cvtps rounds to nearest even, as lrintf */
-                    __m512i r = _mm512_cvtps_epi32(_mm512_mul_ps(v[i], _mm512_set1_ps(inv)));
-                    total = _mm512_add_epi32(total, r);
-                    _mm_storeu_si128((__m128i *)(q + k0 + 16 * i), _mm512_cvtepi32_epi8(r));
+                    __m512 u = _mm512_mul_ps(v[i], _mm512_set1_ps(inv));
+                    __m512i h = _mm512_cvtps_epi32(u);
+                    __m512i l = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_sub_ps(u, _mm512_cvtepi32_ps(h)), _mm512_set1_ps(XL)));
+                    total = _mm512_add_epi32(total, _mm512_add_epi32(_mm512_mullo_epi32(h, _mm512_set1_epi32(XL)), l));
+                    _mm_storeu_si128((__m128i *)(q + k0 + 16 * i), _mm512_cvtepi32_epi8(h));
+                    _mm_storeu_si128((__m128i *)(ql + k0 + 16 * i), _mm512_cvtepi32_epi8(l));
                 }
                 scratch.nc[(size_t)m * nb + b] = -128 * _mm512_reduce_add_epi32(total);
                 continue;
@@ -412,11 +427,13 @@ static int quantize_x(const float *x, int M, int K, int Kp) {
             float amax = 0.f;
             for (int k = k0; k < k1; k++) amax = fmaxf(amax, fabsf(xr[k]));
             float inv = amax > 0.f ? 127.f / amax : 0.f;
-            scratch.sx[(size_t)m * nb + b] = amax / 127.f;
+            scratch.sx[(size_t)m * nb + b] = amax / 127.f / XL;
             int32_t sum = 0;
             for (int k = k0; k < k0 + QB; k++) {
-                q[k] = k < k1 ? (int8_t)lrintf(xr[k] * inv) : 0;
-                sum += q[k];
+                float u = k < k1 ? xr[k] * inv : 0.f;
+                q[k] = (int8_t)lrintf(u);
+                ql[k] = (int8_t)lrintf((u - q[k]) * XL);
+                sum += q[k] * XL + ql[k];
             }
             scratch.nc[(size_t)m * nb + b] = -128 * sum;
         }
@@ -453,12 +470,12 @@ void gf_lock(void) { pthread_mutex_lock(&pool.call); }
 void gf_unlock(void) { pthread_mutex_unlock(&pool.call); }
 
 int gf_product(int kind, const float *x, const void *w, const float *sw, const float *b, float *y, int M, int N, int K) {
-    job_t t = {kind, M, N, K, x, w, sw, b, NULL, NULL, NULL, y, 0};
+    job_t t = {kind, M, N, K, x, w, sw, b, NULL, NULL, NULL, NULL, y, 0};
     if (kind == Q8) {
         int Kp = (K + QB - 1) / QB * QB;
         if (quantize_x(x, M, K, Kp) != 0) return -1;
         t.K = Kp;
-        t.xq = scratch.xq; t.sx = scratch.sx; t.nc = scratch.nc;
+        t.xq = scratch.xq; t.xl = scratch.xl; t.sx = scratch.sx; t.nc = scratch.nc;
     }
     run(&t);
     return 0;

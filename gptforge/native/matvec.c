@@ -180,9 +180,46 @@ static inline __attribute__((always_inline)) void q8_groups(const job_t *t, int 
     }
 }
 
+_Static_assert(QB == 64, "q8_groups_one is written out for 16 steps of 4 columns");
+
+/* One row of x (batch-1 decoding), written out: four chains per digit, all in registers. */
+static void q8_groups_one(const job_t *t, int m, int j0, int j1) {
+    const uint8_t *w = (const uint8_t *)t->w;
+    int Kp = t->K, nb = Kp / QB, N = t->N;
+    const int32_t *xh = (const int32_t *)(t->xq + (size_t)m * Kp), *xl = (const int32_t *)(t->xl + (size_t)m * Kp);
+    const float *sx = t->sx + (size_t)m * nb;
+    const int32_t *nc = t->nc + (size_t)m * nb;
+    for (int j = j0; j < j1; j += 16) {
+        const uint8_t *wg = w + (size_t)(j / 16) * nb * 16 * QB;
+        const float *sg = t->sw + (size_t)(j / 16) * nb * 16;
+        __m512 acc = _mm512_setzero_ps();
+        for (int b = 0; b < nb; b++) {
+            const uint8_t *wb = wg + (size_t)b * 16 * QB;
+            const int32_t *h = xh + b * (QB / 4), *l = xl + b * (QB / 4);
+            __m512i h0 = _mm512_setzero_si512(), h1 = h0, h2 = h0, h3 = h0, l0 = h0, l1 = h0, l2 = h0, l3 = h0;
+#define GF_STEP(k, H, L) { __m512i wv = _mm512_loadu_si512((const void *)(wb + (k) * 64)); \
+                           H = _mm512_dpbusd_epi32(H, wv, _mm512_set1_epi32(h[k])); \
+                           L = _mm512_dpbusd_epi32(L, wv, _mm512_set1_epi32(l[k])); }
+            GF_STEP(0, h0, l0) GF_STEP(1, h1, l1) GF_STEP(2, h2, l2) GF_STEP(3, h3, l3)
+            GF_STEP(4, h0, l0) GF_STEP(5, h1, l1) GF_STEP(6, h2, l2) GF_STEP(7, h3, l3)
+            GF_STEP(8, h0, l0) GF_STEP(9, h1, l1) GF_STEP(10, h2, l2) GF_STEP(11, h3, l3)
+            GF_STEP(12, h0, l0) GF_STEP(13, h1, l1) GF_STEP(14, h2, l2) GF_STEP(15, h3, l3)
+#undef GF_STEP
+            __m512i hs = _mm512_add_epi32(_mm512_add_epi32(h0, h1), _mm512_add_epi32(h2, h3));
+            __m512i ls = _mm512_add_epi32(_mm512_add_epi32(l0, l1), _mm512_add_epi32(l2, l3));
+            __m512i d = _mm512_add_epi32(_mm512_add_epi32(_mm512_mullo_epi32(hs, _mm512_set1_epi32(XL)), ls),
+                                         _mm512_set1_epi32(nc[b]));
+            acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_mul_ps(_mm512_loadu_ps(sg + b * 16), _mm512_set1_ps(sx[b])), acc);
+        }
+        __mmask16 live = N - j >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (N - j)) - 1);
+        __m512 bias = t->b ? _mm512_maskz_loadu_ps(live, t->b + j) : _mm512_setzero_ps();
+        _mm512_mask_storeu_ps(t->y + (size_t)m * N + j, live, _mm512_add_ps(acc, bias));
+    }
+}
+
 static void q8_rows(const job_t *t, int m0, int mm, int j0, int j1) {
     switch (mm) {
-    case 1: q8_groups(t, m0, 1, j0, j1); break;
+    case 1: q8_groups_one(t, m0, j0, j1); break;
     case 2: q8_groups(t, m0, 2, j0, j1); break;
     case 3: q8_groups(t, m0, 3, j0, j1); break;
     default: q8_groups(t, m0, 4, j0, j1); break;

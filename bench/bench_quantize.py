@@ -2,6 +2,7 @@
 gptforge float32 (plain and packed), bf16 and int8 (`gptforge.quantize`).
 
     python bench/bench_quantize.py CHECKPOINT [--data ../shared/data/wikitext2_valid.txt] [--split val]
+    python bench/bench_quantize.py runs/quickstart --data runs/quickstart/data --prompts shakespeare
 
 The issue's bar for int8: perplexity within 1% of float32 and identical greedy continuations (64 tokens) for
 at least 9 of 10 prompts. --data takes a text file (scored whole) or a folder made by `gptforge prepare`
@@ -35,6 +36,8 @@ from gptforge.quantize import quantize_model  # noqa: E402
 PROMPTS = ["The lobster is a", "In 1492 , Columbus", "The species is found in", " = History = \n",
            "The first season of the show", "During the war , the", "The album was released", "In the city of",
            "The film received", "He was born in"]
+SHAKESPEARE_PROMPTS = ["JULIET:\n", "ROMEO:\nWhat", "First Citizen:\n", "KING HENRY:\nNow", "To be, or not",
+                       "HAMLET:\n", "The king is", "MENENIUS:\nWhy,", "Good morrow", "LADY MACBETH:\n"]
 
 
 def main() -> None:
@@ -45,10 +48,12 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--limit", type=int, default=None, help="score only the first N tokens")
     ap.add_argument("--weights", default="torch,f32,bf16,int8")
+    ap.add_argument("--prompts", choices=["wikitext", "shakespeare"], default="wikitext",
+                    help="the 10 prompts: WikiText-style, or Shakespeare-style for a model trained on it (quickstart)")
     args = ap.parse_args()
 
     model, tok, _ = load_model(Path(args.checkpoint))
-    prompts = [tok.encode(p) for p in PROMPTS]
+    prompts = [tok.encode(p) for p in (PROMPTS if args.prompts == "wikitext" else SHAKESPEARE_PROMPTS)]
     params = SamplingParams(max_new_tokens=args.new_tokens, temperature=0.0)
     rows, reference = [], None
     for weights in args.weights.split(","):
@@ -65,7 +70,11 @@ def main() -> None:
               f"greedy {args.new_tokens} tokens identical to the first row for {same}/{len(prompts)} prompts",
               flush=True)
 
-    if importlib.util.find_spec("llama_cpp") is not None:
+    window = model.config.block_size
+    if max(map(len, prompts)) + args.new_tokens > window:  # llama.cpp's gpt2 graph aborts past its positions
+        print(f"llama.cpp: left out (prompt + {args.new_tokens} new tokens pass the model's {window} positions; "
+              "gptforge slides its window, llama.cpp's gpt2 graph cannot)", flush=True)
+    elif importlib.util.find_spec("llama_cpp") is not None:
         for weights, tokens in llama_cpp_tokens(Path(args.checkpoint), prompts, args.new_tokens):
             same = sum(a == b for a, b in zip(tokens, reference[1]))
             rows.append((f"llama.cpp {weights}", None, None, same))

@@ -137,7 +137,8 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=32, help="prompt length in characters (bytes for tiny)")
     ap.add_argument("--max-batch-size", type=int, default=32, help="the server's --max_batch_size")
     ap.add_argument("--threads", type=int, default=None, help="the server's --threads (default: torch's)")
-    ap.add_argument("--quantize", default=None, help="the server's --quantize: int8, bf16 or f32 (default: none)")
+    ap.add_argument("--quantize", default=None,
+                    help="the server's --quantize: auto, none, int8, bf16 or f32 (default: the server's, auto)")
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -83,22 +83,35 @@ def test_each_inference_command_packs_its_model_once(command, checkpoints, packe
     assert bool(apps) == (command == "serve")
 
 
-def test_float32_packing_prints_what_the_plain_model_prints(checkpoints, packed, capsys):
-    """--quantize f32 is the fast float32 path: the same greedy text as torch's own layers."""
+def test_float32_packing_is_the_cpu_default_and_prints_what_the_plain_model_prints(checkpoints, packed, capsys):
+    """On a CPU the default (--quantize auto) is f32, the fast float32 path: the same greedy text as torch's
+    own layers (--quantize none)."""
     args = ["generate", checkpoints["lm"], "--prompt", "hello", "--sample.max_new_tokens", "24",
             "--sample.temperature", "0", "--device", "cpu"]
-    main(args)
+    main([*args, "--quantize", "none"])
     plain = capsys.readouterr().out
+    assert packed == []
+    main(args)
+    assert capsys.readouterr().out == plain
     main([*args, "--quantize", "f32"])
     assert capsys.readouterr().out == plain
-    assert packed == [("GPT", None, {torch.float32})]  # quantize_model(model, None): float32, packed
+    assert packed == [("GPT", None, {torch.float32})] * 2  # quantize_model(model, None): float32, packed
+
+
+def test_auto_packs_float32_on_a_cpu_only(monkeypatch):
+    assert inference_runtime("cpu").weights == "f32"
+    assert inference_runtime("cpu", "bfloat16").weights is None  # bf16 autocast: torch's layers
+    assert inference_runtime("cpu", "auto", "none").weights is None
+    assert inference_runtime("cpu", "auto", None).weights is None
+    monkeypatch.setattr("gptforge.common.pick_device", lambda requested: torch.device("cuda"))
+    assert inference_runtime("cuda", "float32").weights is None
 
 
 def test_bad_quantize_values_are_one_line_errors(checkpoints, capsys, monkeypatch):
     with pytest.raises(SystemExit) as exc:
         main(["generate", checkpoints["lm"], "--device", "cpu", "--quantize", "int4"])
     err = capsys.readouterr().err.strip()
-    assert exc.value.code == 2 and len(err.splitlines()) == 1 and "--quantize takes int8, bf16, f32" in err
+    assert exc.value.code == 2 and len(err.splitlines()) == 1 and "--quantize takes auto, none, int8, bf16, f32" in err
     monkeypatch.setattr("gptforge.common.pick_device", lambda requested: torch.device("cuda"))
     with pytest.raises(UserError, match="--quantize is for CPU inference"):
         inference_runtime("cuda", "auto", "int8")

@@ -15,8 +15,6 @@ import math
 from pathlib import Path
 from typing import Optional
 
-import torch
-
 from gptforge.checkpoint import FINETUNE_META, base_fingerprint, load_model, resolve_checkpoint, run_checkpoint
 from gptforge.common import Runtime, UserError, atomic_write_text, seed_everything, setup_runtime, teardown_runtime
 from gptforge.config import FinetuneConfig, SampleConfig, TrainConfig

@@ -178,11 +178,16 @@ class PackedBlock(nn.Module):
         super().__init__()
         self.block = block
         self.train(block.training)
-        self._desc = None  # the C descriptor: built at the first step, holding pointers into `block`
+        self._desc, self._key, self._held = None, None, []  # the C descriptor and what it points into
+
+    @property
+    def attn(self) -> nn.Module:  # what GPT.set_attention reaches for
+        return self.block.attn
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, cache=None) -> torch.Tensor:
         lib = native.load() if cache is not None and x.size(1) == 1 else None
-        if lib is None or not self._fits(x, attn_mask, cache):
+        desc = self._descriptor() if lib is not None and self._fits(x, attn_mask, cache) else None
+        if desc is None:
             return self.block(x, attn_mask, cache)
         k, v, pos = cache  # (B, nh, max_len, hs) each
         B, _, C = x.shape
@@ -191,7 +196,7 @@ class PackedBlock(nn.Module):
         if attn_mask is not None:  # (B, 1, 1, pos + 1): the slots each row attends
             mask = attn_mask.expand(B, 1, 1, pos + 1).reshape(B, pos + 1).contiguous()
         _sync_threads(lib)
-        rc = lib.gf_block_step(ctypes.byref(self._descriptor()), out.data_ptr(), B, C, self.block.attn.n_head,
+        rc = lib.gf_block_step(ctypes.byref(desc), out.data_ptr(), B, C, self.block.attn.n_head,
                                k.data_ptr(), v.data_ptr(), k.stride(0), k.stride(1), k.stride(2), pos,
                                mask.data_ptr() if mask is not None else None, pos + 1)
         if rc != 0:
@@ -199,28 +204,56 @@ class PackedBlock(nn.Module):
         return out
 
     def _fits(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor], cache) -> bool:
-        """The C step's assumptions; anything else takes the torch path."""
+        """The C step's assumptions about this step's inputs; anything else takes the torch path."""
         k, v, pos = cache
         return (x.dtype == k.dtype == v.dtype == torch.float32 and x.device.type == "cpu" and not self.training
                 and k.stride() == v.stride() and k.stride(3) == 1 and pos < k.size(2)
                 and (attn_mask is None or (attn_mask.dtype == torch.bool and attn_mask.size(-1) == pos + 1
                                            and attn_mask.size(-2) == 1)))
 
-    def _descriptor(self) -> "native.Block":
-        if self._desc is None:
+    def _descriptor(self) -> Optional["native.Block"]:
+        """The block as C reads it (None when the block is not what the C step computes: other dtypes or
+        eps values); built once, and again after anything that may move its tensors (below)."""
+        if self._key is None:
             b = self.block
-
-            def ptr(t):
-                return t.data_ptr() if t is not None else None
-
-            def linear(p: PackedLinear) -> native.Linear:
-                return native.Linear(native.KINDS[p.kind], p.out_features, p.in_features, ptr(p.packed),
-                                     ptr(p.scales), ptr(p.bias))
-
-            self._desc = native.Block(ptr(b.ln_1.weight), ptr(b.ln_1.bias), ptr(b.ln_2.weight), ptr(b.ln_2.bias),
-                                      b.ln_1.eps, linear(b.attn.c_attn), linear(b.attn.c_proj),
-                                      linear(b.mlp.c_fc), linear(b.mlp.c_proj))
+            linears = (b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj)
+            self._desc = _block_descriptor(b, linears) if _c_step_computes(b, linears) else None
+            # what the pointers point into stays alive even if the block's attributes are replaced
+            self._held = [b.ln_1.weight, b.ln_1.bias, b.ln_2.weight, b.ln_2.bias,
+                          *(getattr(p, name, None) for p in linears for name in ("packed", "scales", "bias"))]
+            self._key = True
         return self._desc
+
+    def _apply(self, fn, *args, **kwargs):  # .to(), .float(), ...: tensors may move
+        self._key = None
+        return super()._apply(fn, *args, **kwargs)
+
+    def _load_from_state_dict(self, *args, **kwargs):  # load_state_dict(assign=True) replaces tensors
+        self._key = None
+        return super()._load_from_state_dict(*args, **kwargs)
+
+
+def _c_step_computes(b: Block, linears) -> bool:
+    """block.c computes float32 LayerNorms with one eps, GELU (tanh) and products of packed weights."""
+    weights = {"f32": torch.float32, "bf16": torch.bfloat16, "int8": torch.uint8}
+    floats = [b.ln_1.weight, b.ln_1.bias, b.ln_2.weight, b.ln_2.bias, *(p.scales for p in linears),
+              *(p.bias for p in linears)]
+    return (b.ln_1.eps == b.ln_2.eps and getattr(b.mlp.gelu, "approximate", None) == "tanh"
+            and b.ln_1.weight is not None and b.ln_2.weight is not None
+            and all(isinstance(p, PackedLinear) and p.packed.dtype == weights[p.kind] for p in linears)
+            and all(t is None or t.dtype == torch.float32 for t in floats))
+
+
+def _block_descriptor(b: Block, linears) -> "native.Block":
+    def ptr(t):
+        return t.data_ptr() if t is not None else None
+
+    def linear(p: PackedLinear) -> native.Linear:
+        return native.Linear(native.KINDS[p.kind], p.out_features, p.in_features, ptr(p.packed), ptr(p.scales),
+                             ptr(p.bias))
+
+    return native.Block(ptr(b.ln_1.weight), ptr(b.ln_1.bias), ptr(b.ln_2.weight), ptr(b.ln_2.bias), b.ln_1.eps,
+                        *(linear(p) for p in linears))
 
 
 class PackedEmbedding(nn.Module):

@@ -163,6 +163,28 @@ def test_the_c_block_step_computes_what_the_block_computes(kind, monkeypatch):
     assert tokens["c"] == tokens["torch"]
 
 
+def test_the_c_block_step_follows_weights_replaced_after_its_first_step(monkeypatch):
+    """The C step reads the block's tensors through pointers: after load_state_dict(assign=True) replaces
+    them it must read the new ones (and never freed memory)."""
+    if native.load() is None:
+        pytest.skip(native.status())
+    model = quantize_model(tiny_gpt(), None)
+
+    def decode_logits() -> torch.Tensor:
+        cache = KVCache(model.config, 1, 16, torch.device("cpu"))
+        with torch.inference_mode():
+            model(torch.tensor([[5, 6, 7]]), kv_cache=cache)
+            return model(torch.tensor([[8]]), kv_cache=cache)[0]
+
+    before = decode_logits()
+    state = {k: v * 1.5 if ".ln_" in k else v.clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(state, assign=True)
+    after = decode_logits()
+    monkeypatch.setattr(quantize.PackedBlock, "forward", lambda self, x, m=None, c=None: self.block(x, m, c))
+    torch.testing.assert_close(after, decode_logits(), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(after, before)
+
+
 @pytest.mark.parametrize("kind", ["int8", "bf16"])
 def test_quantized_models_hold_their_weights_packed_and_untied_embeddings_stay(kind):
     model = quantize_model(tiny_gpt(), kind)

@@ -115,15 +115,16 @@ def test_fast_float32_path_equals_the_reference_path(backend):
     assert Engine(fast).generate(prompts, params) == Engine(model).generate(prompts, params)
 
 
+@pytest.mark.parametrize("width", [128, 100])  # 100: rows no multiple of 16 or 64, heads of 25
 @pytest.mark.parametrize("kind", ["f32", "bf16", "int8"])
-def test_the_c_block_step_computes_what_the_block_computes(kind, monkeypatch):
+def test_the_c_block_step_computes_what_the_block_computes(kind, width, monkeypatch):
     """A one-token decoding step of a PackedBlock runs in C (native/block.c); it must give the logits of the
     wrapped torch Block (same packed products), with left-padded rows (the attention mask) and without, and
     so the same greedy tokens from the engine for prompts of different lengths."""
     if native.load() is None:
         pytest.skip(native.status())
     # bf16 runs a model without biases (LayerNorms and products: the C step's NULL pointers)
-    model = quantize_model(tiny_gpt(n_layer=3, n_head=4, n_embd=128, block_size=96, bias=kind != "bf16"),
+    model = quantize_model(tiny_gpt(n_layer=3, n_head=4, n_embd=width, block_size=96, bias=kind != "bf16"),
                            None if kind == "f32" else kind)
     assert (model.transformer.h[0].block.ln_1.bias is None) == (kind == "bf16")
     fits, c_steps = quantize.PackedBlock._fits, []

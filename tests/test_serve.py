@@ -165,6 +165,7 @@ def test_models_info_and_health(main, local):
     info = httpx.get(f"{main.url}/v1/gptforge/info", headers={"Authorization": f"Bearer {KEY}"}).json()
     assert info["context_length"] == 64 and info["vocab_size"] == local[1].vocab_size and info["chat"] is True
     assert info["tokenizer"] == local[1].describe() and info["dtype"] == "float32" and info["parameters"] > 0
+    assert info["weights"] == "f32"  # --quantize auto on a CPU
     assert httpx.get(f"{main.url}/health").json()["status"] == "ok"  # no key needed
     page = httpx.get(f"{main.url}/")
     assert page.status_code == 200 and "html" in page.headers["content-type"]

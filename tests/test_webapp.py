@@ -252,6 +252,8 @@ def test_chat_streams_reply_and_sends_history(page, server):
     expect(page.locator("#tab-chat")).to_have_attribute("aria-selected", "true")
     expect(page.locator("#info-parameters")).to_contain_text(f"{info['parameters']:,}")
     expect(page.locator("#info-device")).to_contain_text(info["device"])
+    assert info["weights"] == "f32"  # --quantize auto on a CPU
+    expect(page.locator("#info-device")).to_contain_text("f32 weights")
     # Count text-node updates in the transcript: a streamed reply arrives in several pieces.
     page.evaluate("""() => {
         window.__deltas = 0;

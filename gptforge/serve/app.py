@@ -64,6 +64,7 @@ class ServerInfo:
     device: str
     dtype: str
     chat: bool
+    weights: str = "none"  # what the model's products compute with: --quantize's f32, int8, bf16 or none
 
 
 @dataclass
@@ -365,12 +366,14 @@ def serve(config: ServeOptions) -> None:
         model=config.model_name or default_model_name(path), checkpoint=str(path),
         parameters=count_parameters(model), context_length=model.config.block_size,
         vocab_size=model.config.vocab_size, tokenizer=tokenizer.describe(), device=str(runtime.device),
-        dtype=str(runtime.dtype).removeprefix("torch."), chat=bool(getattr(tokenizer, "has_chat_template", False)))
+        dtype=str(runtime.dtype).removeprefix("torch."), chat=bool(getattr(tokenizer, "has_chat_template", False)),
+        weights=runtime.weights or "none")
     rate = RateLimit()
     _log_like_uvicorn(config.log_level, rate)
     app = create_app(GenerationWorker(engine, tokenizer, config.max_batch_size), info, config, rate)
     print(f"gptforge: serving {info.model} ({human_count(info.parameters)} parameters, context "
-          f"{info.context_length}{', chat' if info.chat else ''}) on http://{config.host}:{config.port} "
+          f"{info.context_length}{', chat' if info.chat else ''}, {info.weights} weights) on "
+          f"http://{config.host}:{config.port} "
           "(web app at /, OpenAI API at /v1)", flush=True)
     uvicorn.run(app, host=config.host, port=config.port, log_level=config.log_level, timeout_graceful_shutdown=5,
                 http=protocol_class(limits, rate), ws="none", backlog=backlog)

@@ -23,7 +23,8 @@ function renderInfo(info) {
   $("info-context").textContent = info.context_length != null ? `${info.context_length} tokens` : "?";
   $("info-vocab").textContent = info.vocab_size != null ? info.vocab_size.toLocaleString("en-US") : "?";
   $("info-tokenizer").textContent = info.tokenizer || "?";
-  $("info-device").textContent = [info.device, info.dtype].filter(Boolean).join(" \u00b7 ") || "?";
+  const weights = info.weights && info.weights !== "none" ? `${info.weights} weights` : null;
+  $("info-device").textContent = [info.device, info.dtype, weights].filter(Boolean).join(" \u00b7 ") || "?";
   $("info-chat").textContent = info.chat ? "yes" : "no";
   $("model-badge").textContent = `${info.model || "model"} \u00b7 ${formatCount(info.parameters)} parameters`;
   const limit = Math.min(info.context_length || Infinity, (info.limits && info.limits.max_tokens) || Infinity);

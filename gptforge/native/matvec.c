@@ -137,12 +137,26 @@ static void bf16_rows(const job_t *t, int m0, int mm, int j0, int j1) {
 #ifdef GF_VNNI
 #define CH 2  /* independent VPDPBUSD chains per digit and row of x: one chain would wait on the latency */
 
+/* One block's dot products of a 16-row group, both digits summed (h: first digit, l: second), scaled and
+ * added to acc: acc + cvt(XL h + l + nc) * sw * sx (nc: the +128 offset's correction, see the top). */
+static inline __m512 q8_block_done(__m512 acc, __m512i h, __m512i l, int32_t nc, __m512 sw, float sx) {
+    __m512i d = _mm512_add_epi32(_mm512_add_epi32(_mm512_mullo_epi32(h, _mm512_set1_epi32(XL)), l), _mm512_set1_epi32(nc));
+    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_mul_ps(sw, _mm512_set1_ps(sx)), acc);
+}
+
+/* y[m, j .. j + 16) = acc + bias, the rows past N left alone. */
+static inline void q8_store(const job_t *t, int m, int j, __m512 acc) {
+    __mmask16 live = t->N - j >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (t->N - j)) - 1);
+    __m512 bias = t->b ? _mm512_maskz_loadu_ps(live, t->b + j) : _mm512_setzero_ps();
+    _mm512_mask_storeu_ps(t->y + (size_t)m * t->N + j, live, _mm512_add_ps(acc, bias));
+}
+
 /* Rows [j0, j1) of W, j0 a multiple of 16: one group of 16 rows at a time, one 32-bit lane per row; each
  * weight load serves both digits of every row of x. Inlined for each count of x rows (mm), so that the
  * accumulators stay in registers. */
 static inline __attribute__((always_inline)) void q8_groups(const job_t *t, int m0, const int mm, int j0, int j1) {
     const uint8_t *w = (const uint8_t *)t->w;
-    int Kp = t->K, nb = Kp / QB, N = t->N;
+    int Kp = t->K, nb = Kp / QB;
     for (int j = j0; j < j1; j += 16) {
         const uint8_t *wg = w + (size_t)(j / 16) * nb * 16 * QB;
         const float *sg = t->sw + (size_t)(j / 16) * nb * 16;
@@ -167,16 +181,11 @@ static inline __attribute__((always_inline)) void q8_groups(const job_t *t, int 
             __m512 sw = _mm512_loadu_ps(sg + b * 16);
             for (int m = 0; m < mm; m++) {
                 size_t mb = (size_t)(m0 + m) * nb + b;
-                __m512i h = _mm512_add_epi32(hi[m][0], hi[m][1]), l = _mm512_add_epi32(lo[m][0], lo[m][1]);
-                __m512i d = _mm512_add_epi32(_mm512_add_epi32(_mm512_mullo_epi32(h, _mm512_set1_epi32(XL)), l),
-                                             _mm512_set1_epi32(t->nc[mb]));
-                acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_mul_ps(sw, _mm512_set1_ps(t->sx[mb])), acc[m]);
+                acc[m] = q8_block_done(acc[m], _mm512_add_epi32(hi[m][0], hi[m][1]),
+                                       _mm512_add_epi32(lo[m][0], lo[m][1]), t->nc[mb], sw, t->sx[mb]);
             }
         }
-        __mmask16 live = N - j >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (N - j)) - 1);
-        __m512 bias = t->b ? _mm512_maskz_loadu_ps(live, t->b + j) : _mm512_setzero_ps();
-        for (int m = 0; m < mm; m++)
-            _mm512_mask_storeu_ps(t->y + (size_t)(m0 + m) * N + j, live, _mm512_add_ps(acc[m], bias));
+        for (int m = 0; m < mm; m++) q8_store(t, m0 + m, j, acc[m]);
     }
 }
 
@@ -185,7 +194,7 @@ _Static_assert(QB == 64, "q8_groups_one is written out for 16 steps of 4 columns
 /* One row of x (batch-1 decoding), written out: four chains per digit, all in registers. */
 static void q8_groups_one(const job_t *t, int m, int j0, int j1) {
     const uint8_t *w = (const uint8_t *)t->w;
-    int Kp = t->K, nb = Kp / QB, N = t->N;
+    int Kp = t->K, nb = Kp / QB;
     const int32_t *xh = (const int32_t *)(t->xq + (size_t)m * Kp), *xl = (const int32_t *)(t->xl + (size_t)m * Kp);
     const float *sx = t->sx + (size_t)m * nb;
     const int32_t *nc = t->nc + (size_t)m * nb;
@@ -205,15 +214,11 @@ static void q8_groups_one(const job_t *t, int m, int j0, int j1) {
             GF_STEP(8, h0, l0) GF_STEP(9, h1, l1) GF_STEP(10, h2, l2) GF_STEP(11, h3, l3)
             GF_STEP(12, h0, l0) GF_STEP(13, h1, l1) GF_STEP(14, h2, l2) GF_STEP(15, h3, l3)
 #undef GF_STEP
-            __m512i hs = _mm512_add_epi32(_mm512_add_epi32(h0, h1), _mm512_add_epi32(h2, h3));
-            __m512i ls = _mm512_add_epi32(_mm512_add_epi32(l0, l1), _mm512_add_epi32(l2, l3));
-            __m512i d = _mm512_add_epi32(_mm512_add_epi32(_mm512_mullo_epi32(hs, _mm512_set1_epi32(XL)), ls),
-                                         _mm512_set1_epi32(nc[b]));
-            acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_mul_ps(_mm512_loadu_ps(sg + b * 16), _mm512_set1_ps(sx[b])), acc);
+            acc = q8_block_done(acc, _mm512_add_epi32(_mm512_add_epi32(h0, h1), _mm512_add_epi32(h2, h3)),
+                                _mm512_add_epi32(_mm512_add_epi32(l0, l1), _mm512_add_epi32(l2, l3)), nc[b],
+                                _mm512_loadu_ps(sg + b * 16), sx[b]);
         }
-        __mmask16 live = N - j >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (N - j)) - 1);
-        __m512 bias = t->b ? _mm512_maskz_loadu_ps(live, t->b + j) : _mm512_setzero_ps();
-        _mm512_mask_storeu_ps(t->y + (size_t)m * N + j, live, _mm512_add_ps(acc, bias));
+        q8_store(t, m, j, acc);
     }
 }
 
